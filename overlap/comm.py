@@ -1,0 +1,92 @@
+"""Collectives for tensor parallelism: NCCL (GPU), gloo (CPU), a symmetric-memory one-shot all-reduce
+(GPU, low latency for decode-sized messages), and the comm-free no-op used to measure the
+communication share of a step (wrong numbers, same compute: a measurement tool only).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+ALLREDUCE_CHOICES = ("nccl", "symm", "auto")
+# One-shot reads every peer's whole buffer: good for decode messages (a few KB..MB), not prefill.
+SYMM_MAX_BYTES = 4 << 20
+
+
+class Comm:
+    """All-reduce and sampling collectives of one rank, with a switch to no-ops (`comm_free`)."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, dtype: torch.dtype,
+                 allreduce: str = "auto"):
+        if allreduce not in ALLREDUCE_CHOICES:
+            raise ValueError(f"--allreduce must be one of {ALLREDUCE_CHOICES}, got {allreduce!r}")
+        self.rank, self.world, self.device = rank, world, device
+        self.comm_free = False
+        self.symm_buf = None
+        self.symm_error = None
+        self.requested = allreduce
+        if world > 1 and device.type == "cuda" and allreduce in ("symm", "auto"):
+            try:
+                self._init_symm(dtype)
+            except Exception as e:  # noqa: BLE001 - the reason is recorded and reported
+                self.symm_error = f"{type(e).__name__}: {e}"
+                if allreduce == "symm":
+                    raise RuntimeError(f"--allreduce symm is not available here: {self.symm_error}") from e
+        if device.type != "cuda" and allreduce == "symm":
+            raise RuntimeError("--allreduce symm needs CUDA GPUs (symmetric memory); use nccl/auto")
+        self.backend = "symm" if self.symm_buf is not None else dist.get_backend() if world > 1 else "none"
+
+    def _init_symm(self, dtype: torch.dtype) -> None:
+        import torch.distributed._symmetric_memory as symm_mem
+
+        group_name = dist.group.WORLD.group_name
+        buf = symm_mem.empty(SYMM_MAX_BYTES // dtype.itemsize, device=self.device, dtype=dtype)
+        symm_mem.rendezvous(buf, group_name)
+        self.group_name = group_name
+        self.symm_buf = buf
+        # Check it once against NCCL before trusting it.
+        x = torch.full((1024,), float(self.rank + 1), device=self.device, dtype=dtype)
+        out = torch.empty_like(x)
+        self._symm(x, out)
+        torch.cuda.synchronize(self.device)
+        want = self.world * (self.world + 1) / 2
+        if not torch.all(out == want):
+            raise RuntimeError(f"symmetric-memory all-reduce gave {out[0].item()}, expected {want}")
+
+    def _symm(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        n = x.numel()
+        self.symm_buf[:n].copy_(x.reshape(-1))
+        torch.ops.symm_mem.one_shot_all_reduce_out(self.symm_buf[:n], "sum", self.group_name,
+                                                    out.reshape(-1))
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over ranks; returns the result (in place for NCCL/gloo)."""
+        if self.world == 1 or self.comm_free:
+            return x
+        if self.symm_buf is not None and x.numel() * x.element_size() <= SYMM_MAX_BYTES:
+            out = torch.empty_like(x)
+            self._symm(x.contiguous(), out)
+            return out
+        dist.all_reduce(x)
+        return x
+
+    def argmax(self, logits_local: torch.Tensor, vocab_offset: int) -> torch.Tensor:
+        """Greedy token over a vocab-sharded LM head: gather each rank's (max, index) instead of the
+        whole logits. Ties go to the lowest index, as torch.argmax does on the full logits."""
+        val, idx = logits_local.float().max(dim=-1)
+        idx = idx + vocab_offset
+        if self.world == 1 or self.comm_free:
+            return idx
+        mine = torch.stack([val, idx.float()], dim=-1)  # index < 2**24 is exact in fp32
+        allv = torch.empty((self.world * mine.shape[0], 2), dtype=mine.dtype, device=mine.device)
+        dist.all_gather_into_tensor(allv, mine.contiguous())
+        allv = allv.view(self.world, -1, 2)
+        best = allv[..., 0].argmax(dim=0)  # first max = lowest rank = lowest index
+        return allv[..., 1].gather(0, best.unsqueeze(0)).squeeze(0).long()
+
+    def gather_logits(self, logits_local: torch.Tensor) -> torch.Tensor:
+        """Full logits on every rank (for correctness tests, not the decode path)."""
+        if self.world == 1:
+            return logits_local
+        parts = [torch.empty_like(logits_local) for _ in range(self.world)]
+        dist.all_gather(parts, logits_local.contiguous())
+        return torch.cat(parts, dim=-1)

@@ -1,0 +1,254 @@
+"""A Llama-family decoder with Megatron-style tensor parallelism, in the spirit of gpt-fast.
+
+Per rank: QKV and gate/up are column-parallel (fused, this rank's heads/columns), o_proj and down are
+row-parallel followed by an all-reduce; the embedding is replicated (a lookup reads only a few rows);
+the LM head is sharded over the vocabulary and sampling gathers (max, index) pairs. The KV cache is
+static, sized batch x (prompt + output). Weights use Hugging Face's layout and RoPE convention
+(rotate-half), so a HF checkpoint loads as is and logits match `LlamaForCausalLM`.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .comm import Comm
+from .config import ModelConfig
+from .streams import StreamManager
+
+
+def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
+    """RoPE inverse frequencies with Llama-3 scaling (the same formula as HF's `llama3` rope type)."""
+    hd = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float64) / hd))
+    rs = cfg.rope_scaling
+    if not rs:
+        return inv.float()
+    factor, low, high = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
+    old = rs["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > old / low, inv / factor, inv)
+    smooth = (old / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old / high) & (wavelen <= old / low)
+    return torch.where(medium, smoothed, scaled).float()
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat((-b, a), dim=-1)
+
+
+class WeightSource:
+    """Full-size weights by Hugging Face name, either from safetensors or seeded random numbers.
+
+    Random weights are drawn per tensor from a seed derived from (seed, name) at full size and then
+    sliced, so every TP size sees the same model: TP=N must give TP=1's tokens."""
+
+    def __init__(self, cfg: ModelConfig, seed: int, device: torch.device, dtype: torch.dtype):
+        self.cfg, self.seed, self.device, self.dtype = cfg, seed, device, dtype
+        self._files = None
+        if cfg.checkpoint:
+            from pathlib import Path
+
+            from safetensors import safe_open
+
+            self._files = {}
+            for f in sorted(Path(cfg.checkpoint).glob("*.safetensors")):
+                h = safe_open(str(f), framework="pt", device="cpu")
+                for k in h.keys():
+                    self._files[k] = h
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        c, hd = self.cfg, self.cfg.head_dim
+        leaf = name.split(".")[-2]
+        return {
+            "embed_tokens": (c.vocab_size, c.hidden_size), "lm_head": (c.vocab_size, c.hidden_size),
+            "q_proj": (c.num_heads * hd, c.hidden_size), "k_proj": (c.num_kv_heads * hd, c.hidden_size),
+            "v_proj": (c.num_kv_heads * hd, c.hidden_size), "o_proj": (c.hidden_size, c.num_heads * hd),
+            "gate_proj": (c.intermediate_size, c.hidden_size), "up_proj": (c.intermediate_size, c.hidden_size),
+            "down_proj": (c.hidden_size, c.intermediate_size),
+        }.get(leaf, (c.hidden_size,))  # norms
+
+    def get(self, name: str, dim: int | None = None, rank: int = 0, world: int = 1) -> torch.Tensor:
+        """Shard `rank` of `world` of tensor `name` along `dim` (None = replicated)."""
+        if self._files is not None:
+            if name not in self._files:
+                raise KeyError(f"checkpoint {self.cfg.checkpoint} has no tensor '{name}'")
+            sl = self._files[name].get_slice(name)
+            full = sl.get_shape()
+            if dim is None:
+                t = sl[:]
+            else:
+                n = full[dim] // world
+                t = sl[rank * n:(rank + 1) * n] if dim == 0 else sl[:, rank * n:(rank + 1) * n]
+            return t.to(device=self.device, dtype=self.dtype)
+        shape = self.shape(name)
+        seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{name}".encode()).digest()[:6], "little")
+        g = torch.Generator(device=self.device).manual_seed(seed)
+        if name.endswith("norm.weight"):
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g, device=self.device, dtype=torch.float32)
+        else:
+            gen_dtype = torch.float32 if self.dtype == torch.float32 else self.dtype
+            t = torch.randn(shape, generator=g, device=self.device, dtype=gen_dtype).mul_(0.02)
+        if dim is not None:
+            n = shape[dim] // world
+            t = t.narrow(dim, rank * n, n)
+        return t.to(self.dtype).contiguous()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The full model in HF naming (for loading the same weights into transformers)."""
+        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        if not self.cfg.tie_word_embeddings:
+            names.append("lm_head.weight")
+        for i in range(self.cfg.num_layers):
+            p = f"model.layers.{i}."
+            names += [p + s for s in ("input_layernorm.weight", "post_attention_layernorm.weight",
+                                      "self_attn.q_proj.weight", "self_attn.k_proj.weight",
+                                      "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+                                      "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
+        return {n: self.get(n) for n in names}
+
+
+class Layer:
+    __slots__ = ("attn_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "k_cache", "v_cache")
+
+
+class TPLlama:
+    """One rank's shard of the model plus its KV cache. Not an nn.Module: plain tensors keep the
+    forward pass short and graph-capturable."""
+
+    def __init__(self, cfg: ModelConfig, comm: Comm, streams: StreamManager, *, max_batch: int,
+                 max_seq: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+        cfg.check_tp(comm.world)
+        self.cfg, self.comm, self.streams = cfg, comm, streams
+        self.rank, self.world, self.device, self.dtype = comm.rank, comm.world, comm.device, dtype
+        self.max_batch, self.max_seq = max_batch, max_seq
+        c, r, w = cfg, comm.rank, comm.world
+        self.n_heads, self.n_kv = c.num_heads // w, c.num_kv_heads // w
+        self.hd = c.head_dim
+        self.inter = c.intermediate_size // w
+        self.vocab_local = c.vocab_size // w
+        src = WeightSource(cfg, seed, self.device, dtype)
+        self.embed = src.get("model.embed_tokens.weight")
+        head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+        self.lm_head = src.get(head, 0, r, w)
+        self.norm = src.get("model.norm.weight")
+        self.layers: list[Layer] = []
+        cache_shape = (max_batch, self.n_kv, max_seq, self.hd)
+        for i in range(c.num_layers):
+            p = f"model.layers.{i}."
+            L = Layer()
+            L.attn_norm = src.get(p + "input_layernorm.weight")
+            L.ffn_norm = src.get(p + "post_attention_layernorm.weight")
+            L.wqkv = torch.cat([src.get(p + f"self_attn.{n}_proj.weight", 0, r, w) for n in "qkv"])
+            L.wo = src.get(p + "self_attn.o_proj.weight", 1, r, w)
+            L.w13 = torch.cat([src.get(p + "mlp.gate_proj.weight", 0, r, w),
+                               src.get(p + "mlp.up_proj.weight", 0, r, w)])
+            L.w2 = src.get(p + "mlp.down_proj.weight", 1, r, w)
+            L.k_cache = torch.zeros(cache_shape, device=self.device, dtype=dtype)
+            L.v_cache = torch.zeros(cache_shape, device=self.device, dtype=dtype)
+            self.layers.append(L)
+        inv = rope_inv_freq(cfg).to(self.device)
+        ang = torch.outer(torch.arange(max_seq, device=self.device, dtype=torch.float32), inv)
+        ang = torch.cat([ang, ang], dim=-1)
+        self.cos, self.sin = ang.cos().to(dtype), ang.sin().to(dtype)
+        self.key_pos = torch.arange(max_seq, device=self.device)
+
+    # -- sizes for bandwidth accounting --------------------------------------------------------------
+    def weight_bytes_per_step(self) -> int:
+        """Bytes of weights one decode step reads on this rank (the embedding is a row lookup)."""
+        per_layer = sum(t.numel() * t.element_size() for L in self.layers
+                        for t in (L.attn_norm, L.wqkv, L.wo, L.ffn_norm, L.w13, L.w2))
+        return per_layer + self.lm_head.numel() * self.lm_head.element_size() + self.norm.numel() * self.norm.element_size()
+
+    def kv_bytes_per_token(self) -> int:
+        """KV-cache bytes this rank reads per cached token per sequence, over all layers."""
+        return 2 * self.cfg.num_layers * self.n_kv * self.hd * self.dtype.itemsize
+
+    # -- the forward pass ----------------------------------------------------------------------------
+    def _attn_partial(self, L: Layer, x: torch.Tensor, pos: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+        B, S, _ = x.shape
+        h = F.rms_norm(x, (x.shape[-1],), L.attn_norm, self.cfg.rms_norm_eps)
+        qkv = h @ L.wqkv.t()
+        nq, nk = self.n_heads * self.hd, self.n_kv * self.hd
+        q = qkv[..., :nq].view(B, S, self.n_heads, self.hd).transpose(1, 2)
+        k = qkv[..., nq:nq + nk].view(B, S, self.n_kv, self.hd).transpose(1, 2)
+        v = qkv[..., nq + nk:].view(B, S, self.n_kv, self.hd).transpose(1, 2)
+        cos, sin = self.cos[pos], self.sin[pos]
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kc, vc = L.k_cache[b0:b1], L.v_cache[b0:b1]
+        kc[:, :, pos] = k
+        vc[:, :, pos] = v
+        mask = self.key_pos[None, :] <= pos[:, None]  # [S, max_seq]: causal over the static cache
+        y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
+        return y.transpose(1, 2).reshape(B, S, nq) @ L.wo.t()
+
+    def _mlp_partial(self, L: Layer, x: torch.Tensor) -> torch.Tensor:
+        h = F.rms_norm(x, (x.shape[-1],), L.ffn_norm, self.cfg.rms_norm_eps)
+        g, u = (h @ L.w13.t()).split(self.inter, dim=-1)
+        return (F.silu(g) * u) @ L.w2.t()
+
+    def _next_weight(self, li: int, sub: int) -> torch.Tensor | None:
+        """The weight the GEMM right after sublayer `sub` (0 attn, 1 mlp) of layer `li` reads."""
+        if sub == 0:
+            return self.layers[li].w13
+        return self.layers[li + 1].wqkv if li + 1 < len(self.layers) else self.lm_head
+
+    def hidden(self, tokens: torch.Tensor, pos: torch.Tensor, chunks: list[tuple[int, int, int, int]]) -> list:
+        """Run all layers over `chunks` = [(b0, b1, s0, s1)] of (batch, sequence) ranges. With more
+        than one chunk (pipeline mode) each chunk's all-reduce runs on a communication stream while
+        the next chunk's GEMMs run (Domino/NanoFlow for batches, ISO for prefill chunks)."""
+        sm = self.streams
+        xs = [self.embed[tokens[b0:b1, s0:s1]] for (b0, b1, s0, s1) in chunks]
+        poss = [pos[s0:s1] for (_, _, s0, s1) in chunks]
+        pending: list = [None] * len(chunks)  # event of each chunk's in-flight all-reduce
+        keep = []  # partial sums used on side streams stay alive until the step joins
+        for li, L in enumerate(self.layers):
+            for sub in (0, 1):
+                for ci, (b0, b1, _, _) in enumerate(chunks):
+                    sm.wait(pending[ci])
+                    x = xs[ci]
+                    part = self._attn_partial(L, x, poss[ci], b0, b1) if sub == 0 else self._mlp_partial(L, x)
+                    nxt = self._next_weight(li, sub)
+                    stream = sm.comm_stream(ci) if len(chunks) > 1 else None
+                    if stream is None:
+                        sm.prefetch(nxt)
+                        xs[ci] = x + self.comm.all_reduce(part)
+                        continue
+                    ready = sm.event()
+                    with sm.on(stream):
+                        sm.wait(ready)
+                        if ci == len(chunks) - 1:
+                            sm.prefetch(nxt)
+                        red = self.comm.all_reduce(part)
+                        xs[ci] = x + red
+                        pending[ci] = sm.event()
+                    keep.append((x, part, red))
+        for ci in range(len(chunks)):
+            sm.wait(pending[ci])
+        sm.join()
+        return xs
+
+    def logits_local(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.rms_norm(x, (x.shape[-1],), self.norm, self.cfg.rms_norm_eps)
+        return h @ self.lm_head.t()
+
+    def forward_next(self, tokens: torch.Tensor, pos: torch.Tensor, chunks) -> torch.Tensor:
+        """Greedy next token per sequence after `tokens` at positions `pos` (prefill or decode)."""
+        xs = self.hidden(tokens, pos, chunks)
+        # The last position of each batch range: with sequence chunks only the last chunk has it.
+        lasts = {}
+        for (b0, b1, s0, s1), x in zip(chunks, xs):
+            if s1 == tokens.shape[1]:
+                lasts[b0] = x[:, -1]
+        x_last = torch.cat([lasts[k] for k in sorted(lasts)], dim=0)
+        return self.comm.argmax(self.logits_local(x_last), self.rank * self.vocab_local)
+
+    def full_logits(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """All-position, all-vocab logits (correctness tests)."""
+        (x,) = self.hidden(tokens, pos, [(0, tokens.shape[0], 0, tokens.shape[1])])
+        return self.comm.gather_logits(self.logits_local(x))

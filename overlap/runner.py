@@ -1,0 +1,228 @@
+"""Generation on one rank: batched prefill, greedy decode with a fixed output length, decode steps
+captured as CUDA graphs per batch size, and the host-side parts of the overlap modes.
+
+`none` copies each step's inputs in-line and waits for its tokens before launching the next step;
+`double_buffer` launches step t+1 (reading step t's tokens on the GPU) before it reads step t's
+tokens back; `prefetch` and `pipeline` live in the model's forward pass (see model.py, streams.py).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from .comm import Comm
+from .config import resolve_model
+from .model import TPLlama
+from .streams import StreamManager, check_applicable, decode_chunks, prefill_chunks
+
+
+class Runner:
+    def __init__(self, rank: int, world: int, device: torch.device, spec: dict):
+        self.rank, self.world, self.device, self.spec = rank, world, device, spec
+        cfg = resolve_model(spec["model"])
+        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec["dtype"]]
+        self.comm = Comm(rank, world, device, dtype, spec["allreduce"])
+        self.sm = StreamManager(device, spec["overlap"], spec["num_streams"], spec.get("prefetch_bytes"))
+        self.model = TPLlama(cfg, self.comm, self.sm, max_batch=spec["max_batch"], max_seq=spec["max_seq"],
+                             seed=spec["seed"], dtype=dtype)
+        self.cuda = device.type == "cuda"
+        self.use_graphs = self.cuda and spec["cuda_graphs"]
+        self.graphs: dict = {}
+        self.bufs: dict = {}
+        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        if world > 1:  # first collective outside any graph capture (NCCL communicator set-up)
+            t = torch.ones(1, device=device)
+            torch.distributed.all_reduce(t)
+        self.copy_bw = spec.get("copy_bw") or (self._measure_copy_bw() if self.cuda else None)
+        for b in spec["batch_sizes"]:
+            if check_applicable(spec["overlap"], b, decode=True) is None:
+                self._graph(b, False)
+
+    # -- description ---------------------------------------------------------------------------------
+    def describe(self) -> dict:
+        m = self.model
+        d = {
+            "rank": self.rank, "device": str(self.device), "dtype": str(m.dtype).replace("torch.", ""),
+            "allreduce": self.comm.backend, "symm_error": self.comm.symm_error,
+            "weight_bytes_per_step": m.weight_bytes_per_step(), "kv_bytes_per_token": m.kv_bytes_per_token(),
+            "copy_bw_bytes_per_s": self.copy_bw, "cuda_graphs": self.use_graphs,
+            "torch": torch.__version__, "streams_created": StreamManager.created,
+        }
+        if self.cuda:
+            d["gpu_name"] = torch.cuda.get_device_name(self.device)
+            d["mem_allocated_gb"] = torch.cuda.memory_allocated(self.device) / 1e9
+            d["l2_bytes"] = torch.cuda.get_device_properties(self.device).L2_cache_size
+        return d
+
+    def _measure_copy_bw(self) -> float:
+        """Device-to-device copy bandwidth (bytes read + written per second), median of 20."""
+        n = 1 << 29  # 512 MiB each way
+        a = torch.empty(n, dtype=torch.uint8, device=self.device)
+        b = torch.empty_like(a)
+        for _ in range(3):
+            b.copy_(a)
+        times = []
+        for _ in range(20):
+            s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            s.record()
+            b.copy_(a)
+            e.record()
+            e.synchronize()
+            times.append(s.elapsed_time(e) / 1e3)
+        del a, b
+        times.sort()
+        return 2 * n / times[len(times) // 2]
+
+    # -- decode steps and their graphs ---------------------------------------------------------------
+    def _buffers(self, b: int):
+        if b not in self.bufs:
+            z = lambda: torch.zeros(b, dtype=torch.long, device=self.device)  # noqa: E731
+            pin = self.cuda
+            self.bufs[b] = {
+                "tok": [z(), z()], "pos": torch.zeros(1, dtype=torch.long, device=self.device),
+                "host_tok": [torch.zeros(b, dtype=torch.long, pin_memory=pin) for _ in range(2)],
+                "host_pos": torch.zeros(1, dtype=torch.long, pin_memory=pin),
+            }
+        return self.bufs[b]
+
+    def _step_body(self, b: int, src: int):
+        """One decode step: tokens in buffer `src` at position `pos` -> next tokens in buffer 1-src."""
+        buf = self._buffers(b)
+        chunks = decode_chunks(self.spec["overlap"], b, self.spec["num_streams"])
+
+        def body():
+            nxt = self.model.forward_next(buf["tok"][src].view(b, 1), buf["pos"], chunks)
+            buf["tok"][1 - src].copy_(nxt)
+            buf["pos"].add_(1)
+        return body
+
+    def _graph(self, b: int, comm_free: bool):
+        """Decode graphs for batch `b`: one per direction of the two token buffers."""
+        key = (b, comm_free)
+        if key not in self.graphs:
+            self.comm.comm_free = comm_free
+            bodies = [self._step_body(b, 0), self._step_body(b, 1)]
+            if not self.use_graphs:
+                self.graphs[key] = bodies
+            else:
+                graphs = []
+                side = torch.cuda.Stream(self.device)
+                side.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(side):
+                    for body in bodies:
+                        for _ in range(2):
+                            body()
+                torch.cuda.current_stream(self.device).wait_stream(side)
+                for body in bodies:
+                    g = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(g, pool=self.pool):
+                        body()
+                    graphs.append(g.replay)
+                self.graphs[key] = graphs
+        return self.graphs[key]
+
+    # -- generation ----------------------------------------------------------------------------------
+    def _host(self, dev: torch.Tensor, slot: torch.Tensor):
+        """Start copying `dev` to host `slot`; returns a waiter that blocks until it is there."""
+        if not self.cuda:
+            slot.copy_(dev)
+            return lambda: None
+        slot.copy_(dev, non_blocking=True)
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev.synchronize
+
+    @torch.inference_mode()
+    def generate(self, prompts: list[list[int]], max_tokens: int, comm_free: bool = False) -> dict:
+        mode = self.spec["overlap"]
+        b, p = len(prompts), len(prompts[0])
+        self.comm.comm_free = comm_free
+        steps = self._graph(b, comm_free) if max_tokens > 1 else None
+        self.comm.comm_free = comm_free
+        buf = self._buffers(b)
+        now = time.perf_counter_ns
+        tokens = torch.tensor(prompts, dtype=torch.long).to(self.device)
+        pos = torch.arange(p, device=self.device)
+        t_start = now()
+        first = self.model.forward_next(tokens, pos, prefill_chunks(mode, b, p, self.spec["num_streams"]))
+        out, times = [], []
+        double = "double_buffer" in self.sm.parts
+        if double:  # the first decode step reads prefill's tokens on the GPU: launch it, then look
+            buf["tok"][0].copy_(first)
+            buf["pos"].fill_(p)
+            if max_tokens > 1:
+                steps[0]()
+        ready = self._host(first, buf["host_tok"][0])
+        ready()
+        times.append(now())
+        out.append(buf["host_tok"][0].tolist())
+        for i in range(1, max_tokens):
+            if double:
+                src = 1 if i % 2 else 0  # step i wrote buffer `src`
+                ready = self._host(buf["tok"][src], buf["host_tok"][i % 2])
+                if i + 1 < max_tokens:
+                    steps[src]()
+                ready()
+                times.append(now())
+                out.append(buf["host_tok"][i % 2].tolist())
+            else:
+                buf["host_pos"][0] = p + i - 1
+                self.sm.copy_in(buf["pos"], buf["host_pos"])
+                self.sm.copy_in(buf["tok"][0], buf["host_tok"][(i - 1) % 2])
+                steps[0]()
+                ready = self._host(buf["tok"][1], buf["host_tok"][i % 2])
+                ready()
+                times.append(now())
+                out.append(buf["host_tok"][i % 2].tolist())
+        self.comm.comm_free = False
+        res = {"token_ns": times, "start_ns": t_start}
+        if self.rank == 0:
+            res["tokens"] = [list(r) for r in zip(*out)]
+            if self.cuda:
+                res["mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
+        return res
+
+    @torch.inference_mode()
+    def logits(self, prompts: list[list[int]]) -> list:
+        """Prefill logits at every position, then greedy-decode logits: for correctness tests."""
+        tokens = torch.tensor(prompts, dtype=torch.long, device=self.device)
+        p = tokens.shape[1]
+        full = self.model.full_logits(tokens, torch.arange(p, device=self.device))
+        return full.float().cpu().numpy() if self.rank == 0 else None
+
+    @torch.inference_mode()
+    def collective_bench(self, nbytes: int, iters: int, use_graph: bool) -> dict | None:
+        """All-reduce of `nbytes` with this engine's all-reduce path: median µs per op (device events
+        on GPU, wall clock on CPU). With `use_graph`, `iters` ops are captured in one CUDA graph."""
+        dtype = self.model.dtype
+        x = torch.ones(max(1, nbytes // dtype.itemsize), dtype=dtype, device=self.device)
+        reps = []
+        run = lambda: [self.comm.all_reduce(x) for _ in range(iters)]  # noqa: E731
+        if self.cuda and use_graph:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                run()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                run()
+            run = g.replay
+        run()
+        for _ in range(5):
+            if self.cuda:
+                torch.distributed.barrier() if self.world > 1 else None
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                s.record()
+                run()
+                e.record()
+                e.synchronize()
+                reps.append(s.elapsed_time(e) * 1e3 / iters)
+            else:
+                t0 = time.perf_counter_ns()
+                run()
+                reps.append((time.perf_counter_ns() - t0) / 1e3 / iters)
+        reps.sort()
+        return {"us": reps[len(reps) // 2], "bytes": x.numel() * x.element_size(),
+                "backend": self.comm.backend} if self.rank == 0 else None

@@ -1,0 +1,156 @@
+"""The stream manager: one small object per engine that owns the CUDA streams, events and pinned
+buffers the overlap modes use. On CPU there are no streams: every method degrades to running the
+same code in program order, so CPU runs check the modes' correctness.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+MODES = ("none", "prefetch", "pipeline", "double_buffer", "full")
+# What each mode switches on; `full` is all of them.
+MODE_PARTS = {
+    "none": set(),
+    "prefetch": {"prefetch"},
+    "pipeline": {"pipeline"},
+    "double_buffer": {"double_buffer"},
+    "full": {"prefetch", "pipeline", "double_buffer"},
+}
+
+
+class ModeNotApplicable(ValueError):
+    """An overlap mode that cannot apply to a configuration (it says why instead of running `none`)."""
+
+
+class StreamManager:
+    """Streams (`num_streams` communication streams for micro-batches, one copy stream, one prefetch
+    stream), created once per engine and counted so tests can see that none leak."""
+
+    created = 0  # streams created in this process, for leak tests
+
+    def __init__(self, device: torch.device, mode: str, num_streams: int = 2,
+                 prefetch_bytes: int | None = None):
+        if mode not in MODES:
+            raise ValueError(f"unknown overlap mode {mode!r}; choose from {', '.join(MODES)}")
+        if num_streams < 1:
+            raise ValueError("--num-streams must be >= 1")
+        self.device, self.mode, self.parts = device, mode, MODE_PARTS[mode]
+        self.num_streams = num_streams
+        self.cuda = device.type == "cuda"
+        self.comm_streams: list = []
+        self.copy_stream = self.prefetch_stream = None
+        if self.cuda:
+            if "pipeline" in self.parts:
+                self.comm_streams = [self._new() for _ in range(num_streams)]
+            if "prefetch" in self.parts:
+                self.copy_stream, self.prefetch_stream = self._new(), self._new()
+            l2 = torch.cuda.get_device_properties(device).L2_cache_size
+            self.prefetch_bytes = prefetch_bytes if prefetch_bytes is not None else l2 // 2
+        else:
+            self.prefetch_bytes = 0
+        self._pending_prefetch = False
+
+    def _new(self):
+        StreamManager.created += 1
+        return torch.cuda.Stream(self.device)
+
+    def close(self) -> None:
+        self.comm_streams, self.copy_stream, self.prefetch_stream = [], None, None
+
+    # -- events and streams that are no-ops on CPU --------------------------------------------------
+    def event(self):
+        if not self.cuda:
+            return None
+        ev = torch.cuda.Event()
+        ev.record()
+        return ev
+
+    def wait(self, ev) -> None:
+        if ev is not None:
+            torch.cuda.current_stream(self.device).wait_event(ev)
+
+    def on(self, stream):
+        return torch.cuda.stream(stream) if (self.cuda and stream is not None) else contextlib.nullcontext()
+
+    def comm_stream(self, i: int):
+        return self.comm_streams[i % len(self.comm_streams)] if self.comm_streams else None
+
+    # -- prefetch: pull the next weight into L2 while an all-reduce runs ---------------------------
+    def prefetch(self, weight: torch.Tensor) -> None:
+        """Read the first `prefetch_bytes` of `weight` on a side stream, starting now (just before an
+        all-reduce), so the GEMM after the all-reduce finds it in L2 (PRESERVE, arXiv 2501.08192)."""
+        if self.prefetch_stream is None or self.prefetch_bytes <= 0:
+            return
+        flat = weight.view(-1)
+        n = min(flat.numel(), self.prefetch_bytes // flat.element_size())
+        start = self.event()
+        with torch.cuda.stream(self.prefetch_stream):
+            self.prefetch_stream.wait_event(start)
+            torch.sum(flat[:n])  # reads every byte once; the scalar result is discarded
+        self._pending_prefetch = True
+
+    def join(self) -> None:
+        """Make the current stream wait for every side stream (required before a graph capture ends)."""
+        if not self.cuda:
+            return
+        cur = torch.cuda.current_stream(self.device)
+        for s in self.comm_streams + [self.prefetch_stream, self.copy_stream]:
+            if s is not None:
+                cur.wait_stream(s)
+        self._pending_prefetch = False
+
+    # -- host-to-device inputs on a copy stream ----------------------------------------------------
+    def copy_in(self, dst: torch.Tensor, src_host: torch.Tensor) -> None:
+        """Copy step inputs to the device: in-line for `none`; from pinned memory on the copy stream
+        (compute waits on an event) when prefetch is on."""
+        if self.copy_stream is None:
+            dst.copy_(src_host)
+            return
+        cur = torch.cuda.current_stream(self.device)
+        self.copy_stream.wait_stream(cur)  # dst is no longer read by earlier work
+        with torch.cuda.stream(self.copy_stream):
+            dst.copy_(src_host, non_blocking=True)
+        cur.wait_stream(self.copy_stream)
+
+
+def check_applicable(mode: str, batch: int, decode: bool = True) -> str | None:
+    """None when `mode` applies to a batch of `batch`; otherwise why it cannot. `full` at batch 1
+    still applies (prefetch + double buffering + prefill chunks); only its micro-batches drop out."""
+    if mode not in MODES:
+        return f"unknown overlap mode {mode!r}; choose from {', '.join(MODES)}"
+    if mode == "pipeline" and decode and batch < 2:
+        return ("pipeline overlaps one micro-batch's all-reduce with the next one's GEMMs, so decode "
+                f"needs batch >= 2 to split (got batch {batch})")
+    return None
+
+
+def applied_parts(mode: str, batch: int) -> list[str]:
+    """What of `mode` actually runs for decode at this batch size (recorded with each result)."""
+    parts = set(MODE_PARTS[mode])
+    if batch < 2:
+        parts.discard("pipeline")
+    return sorted(parts)
+
+
+def _split(n: int, k: int) -> list[tuple[int, int]]:
+    k = max(1, min(k, n))
+    edges = [round(i * n / k) for i in range(k + 1)]
+    return [(edges[i], edges[i + 1]) for i in range(k)]
+
+
+def decode_chunks(mode: str, batch: int, num_streams: int) -> list[tuple[int, int, int, int]]:
+    """(b0, b1, s0, s1) ranges of a decode step: micro-batches when pipelining, else the whole batch."""
+    if "pipeline" in MODE_PARTS[mode] and batch >= 2:
+        return [(b0, b1, 0, 1) for b0, b1 in _split(batch, max(2, num_streams))]
+    return [(0, batch, 0, 1)]
+
+
+def prefill_chunks(mode: str, batch: int, prompt_len: int, num_streams: int):
+    """Prefill ranges: micro-batches for batch >= 2, sequence chunks (ISO style) for batch 1."""
+    if "pipeline" not in MODE_PARTS[mode]:
+        return [(0, batch, 0, prompt_len)]
+    k = max(2, num_streams)
+    if batch >= 2:
+        return [(b0, b1, 0, prompt_len) for b0, b1 in _split(batch, k)]
+    return [(0, 1, s0, s1) for s0, s1 in _split(prompt_len, k)]
