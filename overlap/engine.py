@@ -302,7 +302,8 @@ class TPEngine:
             "gpu_names": [r.get("gpu_name") for r in self.ranks if r.get("gpu_name")],
             "gpu_ids": list(c.gpu_ids) if c.device == "cuda" else [],
             "torch": r0["torch"], "params": self.model_config.param_count(), "max_seq": c.max_seq,
-            "pids": [p.pid for p in self.procs], "logdir": self.logdir,
+            "vocab_size": r0["vocab_size"], "timestamp_ns": r0["timestamp_ns"],
+            "streams_created": r0["streams_created"], "pids": [p.pid for p in self.procs], "logdir": self.logdir,
         }
 
     def close(self) -> None:

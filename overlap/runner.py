@@ -35,6 +35,7 @@ class Runner:
             t = torch.ones(1, device=device)
             torch.distributed.all_reduce(t)
         self.copy_bw = spec.get("copy_bw") or (self._measure_copy_bw() if self.cuda else None)
+        self.timestamp_ns = self._timestamp_cost_ns()
         for b in spec["batch_sizes"]:
             if check_applicable(spec["overlap"], b, decode=True) is None:
                 self._graph(b, False)
@@ -48,12 +49,22 @@ class Runner:
             "weight_bytes_per_step": m.weight_bytes_per_step(), "kv_bytes_per_token": m.kv_bytes_per_token(),
             "copy_bw_bytes_per_s": self.copy_bw, "cuda_graphs": self.use_graphs,
             "torch": torch.__version__, "streams_created": StreamManager.created,
+            "timestamp_ns": self.timestamp_ns, "vocab_size": m.cfg.vocab_size,
         }
         if self.cuda:
             d["gpu_name"] = torch.cuda.get_device_name(self.device)
             d["mem_allocated_gb"] = torch.cuda.memory_allocated(self.device) / 1e9
             d["l2_bytes"] = torch.cuda.get_device_properties(self.device).L2_cache_size
         return d
+
+    @staticmethod
+    def _timestamp_cost_ns() -> float:
+        """What recording one token's timestamp costs the decode loop (the harness's own overhead)."""
+        now, times = time.perf_counter_ns, []
+        t0 = now()
+        for _ in range(20000):
+            times.append(now())
+        return (now() - t0) / 20000
 
     def _measure_copy_bw(self) -> float:
         """Device-to-device copy bandwidth (bytes read + written per second), median of 20."""
