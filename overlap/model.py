@@ -214,13 +214,12 @@ class TPLlama:
                     x = xs[ci]
                     part = self._attn_partial(L, x, poss[ci], b0, b1) if sub == 0 else self._mlp_partial(L, x)
                     nxt = self._next_weight(li, sub)
-                    stream = sm.comm_stream(ci) if len(chunks) > 1 else None
-                    if stream is None:
+                    if len(chunks) == 1:
                         sm.prefetch(nxt)
                         xs[ci] = x + self.comm.all_reduce(part)
                         continue
                     ready = sm.event()
-                    with sm.on(stream):
+                    with sm.on(sm.comm_stream(ci)):
                         sm.wait(ready)
                         if ci == len(chunks) - 1:
                             sm.prefetch(nxt)

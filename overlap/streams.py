@@ -24,8 +24,11 @@ class ModeNotApplicable(ValueError):
 
 
 class StreamManager:
-    """Streams (`num_streams` communication streams for micro-batches, one copy stream, one prefetch
-    stream), created once per engine and counted so tests can see that none leak."""
+    """Streams (one communication stream shared by the `num_streams` micro-batches, one copy stream,
+    one prefetch stream), created once per engine and counted so tests can see that none leak.
+
+    One communication stream, not one per micro-batch: collectives on one communicator run in order
+    anyway, and the symmetric-memory all-reduce has a single staging buffer that two streams would race on."""
 
     created = 0  # streams created in this process, for leak tests
 
@@ -42,7 +45,7 @@ class StreamManager:
         self.copy_stream = self.prefetch_stream = None
         if self.cuda:
             if "pipeline" in self.parts:
-                self.comm_streams = [self._new() for _ in range(num_streams)]
+                self.comm_streams = [self._new()]
             if "prefetch" in self.parts:
                 self.copy_stream, self.prefetch_stream = self._new(), self._new()
             l2 = torch.cuda.get_device_properties(device).L2_cache_size
@@ -74,7 +77,8 @@ class StreamManager:
         return torch.cuda.stream(stream) if (self.cuda and stream is not None) else contextlib.nullcontext()
 
     def comm_stream(self, i: int):
-        return self.comm_streams[i % len(self.comm_streams)] if self.comm_streams else None
+        """The stream micro-batch `i`'s all-reduce runs on (None: the compute stream, CPU)."""
+        return self.comm_streams[0] if self.comm_streams else None
 
     # -- prefetch: pull the next weight into L2 while an all-reduce runs ---------------------------
     def prefetch(self, weight: torch.Tensor) -> None:

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# One batch of GPU work for the device machine: smoke checks, then benchmark sweeps, results under
+# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline tp overlap overlap70 tp70 peer
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
+PY=python3
+NG=$($PY -c 'import torch; print(torch.cuda.device_count())')
+TPS="1 2 4"; [ "$NG" -lt 4 ] && TPS="1 2"
+B="$PY -m pytest benchmarks -q -p no:cacheprovider --results-dir $OUT/results"
+for stage in "$@"; do
+  echo "=== $stage $(date -u +%T)"
+  case $stage in
+    smoke)
+      nvidia-smi -L; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version())'
+      for m in none prefetch pipeline double_buffer full; do
+        timeout 120 $PY -m overlap.generate --model llama3-1b --tp 2 --device cuda --batch-size 4 \
+          --prompt-len 32 --max-tokens 16 --overlap $m | cut -c1-300
+      done
+      for ar in nccl symm; do
+        timeout 120 $PY -m overlap.generate --model llama3-1b --tp 2 --device cuda --batch-size 4 \
+          --prompt-len 32 --max-tokens 16 --allreduce $ar | cut -c1-300
+      done ;;
+    baseline) $B -m baseline --model llama3-8b --batch-sizes 1 16 --benchmark-json $OUT/baseline-8b.json ;;
+    tp) $B -m tensor_parallel --model llama3-8b --tp-sizes $TPS --batch-sizes 1 16 --profile-communication \
+          --benchmark-json $OUT/tp-8b.json ;;
+    overlap) $B -m overlap --model llama3-8b --tp-sizes ${OVERLAP_TPS:-4} --batch-sizes 1 16 64 \
+          --profile-communication --num-runs 5 --warmup-runs 2 --benchmark-json $OUT/overlap-8b.json ;;
+    tp70) $B -k "test_tensor_parallel" --model llama3-70b --tp-sizes ${TP70:-2 4} --batch-sizes 1 16 \
+          --profile-communication --num-runs 5 --warmup-runs 2 --benchmark-json $OUT/tp-70b.json ;;
+    overlap70) $B -m overlap --model llama3-70b --tp-sizes 4 --batch-sizes 1 16 64 --overlap-modes none prefetch pipeline full \
+          --profile-communication --num-runs 3 --warmup-runs 1 --benchmark-json $OUT/overlap-70b.json ;;
+    peer) $PY scripts/hf_peer.py --model llama3-8b | tee $OUT/hf-peer.json ;;
+  esac
+done
+echo "=== done $(date -u +%T)"
