@@ -169,23 +169,35 @@ class TPLlama:
         return 2 * self.cfg.num_layers * self.n_kv * self.hd * self.dtype.itemsize
 
     # -- the forward pass ----------------------------------------------------------------------------
-    def _attn_partial(self, L: Layer, x: torch.Tensor, pos: torch.Tensor, b0: int, b1: int) -> torch.Tensor:
+    def _attn_partial(self, L: Layer, x: torch.Tensor, rope, b0: int, b1: int) -> torch.Tensor:
+        """Attention of one rank's heads; returns the partial o_proj output (before the all-reduce).
+
+        GQA without copying K/V: the G query heads that share a KV head are folded into the query
+        length ([B, Hkv, G*S, D]) so one plain attention call reads each cached K/V once."""
         B, S, _ = x.shape
+        cos, sin, pos, mask = rope
         h = F.rms_norm(x, (x.shape[-1],), L.attn_norm, self.cfg.rms_norm_eps)
         qkv = h @ L.wqkv.t()
         nq, nk = self.n_heads * self.hd, self.n_kv * self.hd
-        q = qkv[..., :nq].view(B, S, self.n_heads, self.hd).transpose(1, 2)
-        k = qkv[..., nq:nq + nk].view(B, S, self.n_kv, self.hd).transpose(1, 2)
+        qk = qkv[..., :nq + nk].view(B, S, self.n_heads + self.n_kv, self.hd)
+        qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k in one pass
+        q = qk[:, :, :self.n_heads].transpose(1, 2)
+        k = qk[:, :, self.n_heads:].transpose(1, 2)
         v = qkv[..., nq + nk:].view(B, S, self.n_kv, self.hd).transpose(1, 2)
-        cos, sin = self.cos[pos], self.sin[pos]
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
         kc, vc = L.k_cache[b0:b1], L.v_cache[b0:b1]
         kc[:, :, pos] = k
         vc[:, :, pos] = v
-        mask = self.key_pos[None, :] <= pos[:, None]  # [S, max_seq]: causal over the static cache
-        y = F.scaled_dot_product_attention(q, kc, vc, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv)
-        return y.transpose(1, 2).reshape(B, S, nq) @ L.wo.t()
+        g = self.n_heads // self.n_kv
+        qf = q.reshape(B, self.n_kv, g * S, self.hd)
+        y = F.scaled_dot_product_attention(qf, kc, vc, attn_mask=mask)
+        return y.view(B, self.n_heads, S, self.hd).transpose(1, 2).reshape(B, S, nq) @ L.wo.t()
+
+    def _rope_and_mask(self, pos: torch.Tensor):
+        """Per forward pass, not per layer: RoPE tables at `pos` and the causal mask over the static
+        cache, repeated for the folded GQA query heads."""
+        cos, sin = self.cos[pos][None, :, None, :], self.sin[pos][None, :, None, :]
+        mask = self.key_pos[None, :] <= pos[:, None]  # [S, max_seq]
+        return cos, sin, pos, mask.repeat(self.n_heads // self.n_kv, 1)
 
     def _mlp_partial(self, L: Layer, x: torch.Tensor) -> torch.Tensor:
         h = F.rms_norm(x, (x.shape[-1],), L.ffn_norm, self.cfg.rms_norm_eps)
@@ -204,7 +216,7 @@ class TPLlama:
         the next chunk's GEMMs run (Domino/NanoFlow for batches, ISO for prefill chunks)."""
         sm = self.streams
         xs = [self.embed[tokens[b0:b1, s0:s1]] for (b0, b1, s0, s1) in chunks]
-        poss = [pos[s0:s1] for (_, _, s0, s1) in chunks]
+        ropes = [self._rope_and_mask(pos[s0:s1]) for (_, _, s0, s1) in chunks]
         pending: list = [None] * len(chunks)  # event of each chunk's in-flight all-reduce
         keep = []  # partial sums used on side streams stay alive until the step joins
         for li, L in enumerate(self.layers):
@@ -212,7 +224,7 @@ class TPLlama:
                 for ci, (b0, b1, _, _) in enumerate(chunks):
                     sm.wait(pending[ci])
                     x = xs[ci]
-                    part = self._attn_partial(L, x, poss[ci], b0, b1) if sub == 0 else self._mlp_partial(L, x)
+                    part = self._attn_partial(L, x, ropes[ci], b0, b1) if sub == 0 else self._mlp_partial(L, x)
                     nxt = self._next_weight(li, sub)
                     if len(chunks) == 1:
                         sm.prefetch(nxt)

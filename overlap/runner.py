@@ -118,6 +118,7 @@ class Runner:
                 self.graphs[key] = bodies
             else:
                 graphs = []
+                self._buffers(b)["pos"].zero_()  # warm-up steps advance it: start inside the cache
                 side = torch.cuda.Stream(self.device)
                 side.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(side):
@@ -125,6 +126,7 @@ class Runner:
                         for _ in range(2):
                             body()
                 torch.cuda.current_stream(self.device).wait_stream(side)
+                self._buffers(b)["pos"].zero_()
                 for body in bodies:
                     g = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(g, pool=self.pool):

@@ -52,7 +52,7 @@ class StreamManager:
             self.prefetch_bytes = prefetch_bytes if prefetch_bytes is not None else l2 // 2
         else:
             self.prefetch_bytes = 0
-        self._pending_prefetch = False
+        self._used: list = []  # side streams forked from the current stream since the last join
 
     def _new(self):
         StreamManager.created += 1
@@ -74,7 +74,11 @@ class StreamManager:
             torch.cuda.current_stream(self.device).wait_event(ev)
 
     def on(self, stream):
-        return torch.cuda.stream(stream) if (self.cuda and stream is not None) else contextlib.nullcontext()
+        if not (self.cuda and stream is not None):
+            return contextlib.nullcontext()
+        if stream not in self._used:
+            self._used.append(stream)
+        return torch.cuda.stream(stream)
 
     def comm_stream(self, i: int):
         """The stream micro-batch `i`'s all-reduce runs on (None: the compute stream, CPU)."""
@@ -89,20 +93,19 @@ class StreamManager:
         flat = weight.view(-1)
         n = min(flat.numel(), self.prefetch_bytes // flat.element_size())
         start = self.event()
-        with torch.cuda.stream(self.prefetch_stream):
+        with self.on(self.prefetch_stream):
             self.prefetch_stream.wait_event(start)
             torch.sum(flat[:n])  # reads every byte once; the scalar result is discarded
-        self._pending_prefetch = True
 
     def join(self) -> None:
-        """Make the current stream wait for every side stream (required before a graph capture ends)."""
+        """Make the current stream wait for the side streams this step forked (required before a
+        graph capture ends; waiting on a stream the capture never touched would break it)."""
         if not self.cuda:
             return
         cur = torch.cuda.current_stream(self.device)
-        for s in self.comm_streams + [self.prefetch_stream, self.copy_stream]:
-            if s is not None:
-                cur.wait_stream(s)
-        self._pending_prefetch = False
+        for s in self._used:
+            cur.wait_stream(s)
+        self._used = []
 
     # -- host-to-device inputs on a copy stream ----------------------------------------------------
     def copy_in(self, dst: torch.Tensor, src_host: torch.Tensor) -> None:

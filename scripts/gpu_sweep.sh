@@ -4,6 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 PY=python3
 NG=$($PY -c 'import torch; print(torch.cuda.device_count())')
@@ -14,11 +15,11 @@ for stage in "$@"; do
   case $stage in
     smoke)
       nvidia-smi -L; $PY -c 'import torch; print(torch.__version__, torch.version.cuda, torch.cuda.nccl.version())'
-      for m in none prefetch pipeline double_buffer full; do
+      for m in ${SMOKE_MODES:-none prefetch pipeline double_buffer full}; do
         timeout 120 $PY -m overlap.generate --model llama3-1b --tp 2 --device cuda --batch-size 4 \
           --prompt-len 32 --max-tokens 16 --overlap $m | cut -c1-300
       done
-      for ar in nccl symm; do
+      for ar in ${SMOKE_AR:-nccl symm}; do
         timeout 120 $PY -m overlap.generate --model llama3-1b --tp 2 --device cuda --batch-size 4 \
           --prompt-len 32 --max-tokens 16 --allreduce $ar | cut -c1-300
       done ;;
