@@ -36,3 +36,10 @@ for stage in "$@"; do
   esac
 done
 echo "=== done $(date -u +%T)"
+# gate: two runs of the same commit (A/A) and one with a real slowdown (CUDA graphs off), gated.
+if [ "${GATE:-0}" = 1 ]; then
+  for r in a1 a2; do $B -m baseline --model llama3-8b --batch-sizes 1 --num-runs 10 --benchmark-json $OUT/gate-$r.json | tail -1; done
+  $B -m baseline --model llama3-8b --batch-sizes 1 --num-runs 10 --no-cuda-graphs --benchmark-json $OUT/gate-slow.json | tail -1
+  $PY -m llm_bench.cli gate --baseline $OUT/gate-a1.json --candidate $OUT/gate-a2.json; echo "A/A exit $?"
+  $PY -m llm_bench.cli gate --baseline $OUT/gate-a1.json --candidate $OUT/gate-slow.json; echo "slowdown exit $?"
+fi

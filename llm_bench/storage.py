@@ -1,0 +1,52 @@
+"""Stored runs, picked the way pytest-benchmark picks them: a file path, an id like `0001` (any
+machine folder under the storage), or the latest run when nothing is named."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+
+class DataError(Exception):
+    """A missing, unreadable or corrupt stored run (exit code 2), naming the file."""
+
+
+def find_runs(specs: list[str], storage: str = ".benchmarks") -> list[str]:
+    if not specs:
+        files = sorted(glob.glob(os.path.join(storage, "*", "[0-9][0-9][0-9][0-9]_*.json")),
+                       key=lambda p: (os.path.basename(p), p))
+        if not files:
+            raise DataError(f"no stored runs under {storage}/ (run pytest with --benchmark-autosave)")
+        return [files[-1]]
+    out = []
+    for spec in specs:
+        if os.path.isfile(spec):
+            out.append(spec)
+            continue
+        hits = sorted(glob.glob(os.path.join(storage, "*", f"{spec}*.json")) +
+                      glob.glob(os.path.join(storage, "**", spec), recursive=True))
+        if not hits:
+            raise DataError(f"run '{spec}' not found (not a file, nor an id under {storage}/)")
+        out.append(hits[-1])
+    return out
+
+
+def load_run(path: str) -> dict:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(d, dict) or not isinstance(d.get("benchmarks"), list):
+        raise DataError(f"{path}: not a pytest-benchmark run (no 'benchmarks' list)")
+    for b in d["benchmarks"]:
+        if not isinstance(b, dict) or "fullname" not in b or not isinstance(b.get("extra_info", {}), dict):
+            raise DataError(f"{path}: a benchmark entry is malformed")
+    d["_path"] = path
+    return d
+
+
+def fingerprint(run: dict) -> str | None:
+    return ((run.get("machine_info") or {}).get("gpu") or {}).get("fingerprint")
