@@ -1,0 +1,81 @@
+"""The regression gate: an A/A of two real CPU runs passes; a significantly 10% slower candidate
+fails; a 10% change hidden in noise does not; bad files and different machines exit 2."""
+import copy
+import io
+import json
+
+import numpy as np
+import pytest
+
+from llm_bench.cli import main
+from llm_bench.gate import DEFAULT_RULES, gate
+from tests.helpers import ROOT, run_pytest
+
+
+def _run(tpot_rounds, fp="gpu-a", name="test_baseline[bs1]"):
+    t = list(map(float, tpot_rounds))
+    return {"_path": f"mem:{fp}", "machine_info": {"gpu": {"fingerprint": fp}},
+            "benchmarks": [{"name": name, "fullname": f"benchmarks/test_baseline.py::{name}",
+                            "extra_info": {"tpot_ms_p50": float(np.median(t)), "tpot_ms_rounds": t}}]}
+
+
+def test_ten_percent_slower_with_clean_samples_fails():
+    rng = np.random.default_rng(0)
+    base = 5.0 + rng.normal(0, 0.02, 10)
+    assert gate(_run(base), _run(base * 1.10), DEFAULT_RULES, out=io.StringIO()) == 1
+
+
+def test_ten_percent_change_inside_noise_passes():
+    rng = np.random.default_rng(1)
+    base = 5.0 * rng.lognormal(0, 0.3, 10)
+    cand = 5.5 * rng.lognormal(0, 0.3, 10)
+    out = io.StringIO()
+    assert gate(_run(base), _run(cand), DEFAULT_RULES, out=out) == 0
+    assert "not significant" in out.getvalue() or "ok" in out.getvalue()
+
+
+def test_missing_benchmark_is_listed():
+    out = io.StringIO()
+    b = _run([5.0] * 5)
+    c = copy.deepcopy(b)
+    c["benchmarks"].append(_run([5.0] * 5, name="test_baseline[bs16]")["benchmarks"][0])
+    assert gate(b, c, DEFAULT_RULES, out=out) == 0
+    assert "MISSING   only in candidate: benchmarks/test_baseline.py::test_baseline[bs16]" in out.getvalue()
+
+
+def test_different_gpu_fingerprint_is_refused_unless_allowed():
+    assert gate(_run([5] * 5, "a"), _run([5] * 5, "b"), DEFAULT_RULES, out=io.StringIO()) == 2
+    assert gate(_run([5] * 5, "a"), _run([5] * 5, "b"), DEFAULT_RULES, allow_different=True,
+                out=io.StringIO()) == 0
+
+
+def test_corrupt_and_missing_files_exit_2_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"benchmarks": [')
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_run([5] * 5)))
+    assert main(["gate", "--baseline", str(bad), "--candidate", str(good)]) == 2
+    assert "bad.json" in capsys.readouterr().err
+    assert main(["gate", "--baseline", str(tmp_path / "nope.json"), "--candidate", str(good),
+                 "--storage", str(tmp_path)]) == 2
+    assert "nope.json" in capsys.readouterr().err
+
+
+def test_a_a_of_two_real_cpu_runs_passes(tmp_path):
+    files = []
+    for i in range(2):
+        f = tmp_path / f"run{i}.json"
+        r = run_pytest(ROOT / "benchmarks", "-k", "test_baseline", "--batch-sizes", "1", "--prompt-len", "4",
+                       "--max-tokens", "8", "--num-runs", "5", "--warmup-runs", "1", f"--benchmark-json={f}",
+                       "--results-dir", tmp_path)
+        assert r.returncode == 0, r.stdout[-2000:]
+        files.append(str(f))
+    assert main(["gate", "--baseline", files[0], "--candidate", files[1]]) == 0
+    assert main(["compare", *files]) == 0
+
+
+@pytest.mark.parametrize("text", ["tpot_ms_p50", "tpot_ms_p50:x%"])
+def test_bad_metric_is_a_usage_error(tmp_path, text):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(_run([5] * 5)))
+    assert main(["gate", "--baseline", str(good), "--candidate", str(good), "--metric", text]) == 2

@@ -1,0 +1,49 @@
+"""Every overlap mode gives exactly the tokens of `none` (CPU, gloo TP=2, where the modes run the
+same code paths in program order); a mode that cannot apply says why; no streams leak."""
+import pytest
+
+from overlap.config import ConfigError
+from overlap.generate import random_prompts
+from overlap.streams import MODES, ModeNotApplicable, StreamManager, check_applicable
+
+BATCHES = (1, 2, 7, 16)
+
+
+@pytest.fixture(scope="module")
+def reference(engine_factory):
+    eng = engine_factory(tp=2, overlap="none", batch_sizes=BATCHES, max_seq=24)
+    out = {b: eng.generate(random_prompts(b, 10, 512, b), 12).tokens for b in BATCHES}
+    eng.close()
+    return out
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "none"])
+def test_mode_gives_the_tokens_of_none(engine_factory, reference, mode):
+    eng = engine_factory(tp=2, overlap=mode, batch_sizes=BATCHES, max_seq=24)
+    for b in BATCHES:
+        if check_applicable(mode, b):
+            with pytest.raises(ModeNotApplicable, match="needs batch >= 2"):
+                eng.generate(random_prompts(b, 10, 512, b), 12)
+            continue
+        g = eng.generate(random_prompts(b, 10, 512, b), 12)
+        assert g.tokens == reference[b], f"{mode} batch {b}"
+    assert eng.describe()["streams_created"] == 0  # CPU: no streams at all
+    eng.close()
+
+
+def test_full_at_batch_1_says_what_it_applies(engine_factory):
+    eng = engine_factory(tp=2, overlap="full", batch_sizes=(1,), max_seq=16)
+    assert eng.generate([[1, 2, 3]], 4).info["overlap_applied"] == "double_buffer,prefetch"
+
+
+def test_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="unknown overlap mode"):
+        StreamManager.__init__(object.__new__(StreamManager), device=__import__("torch").device("cpu"),
+                               mode="turbo")
+    assert "unknown" in check_applicable("turbo", 4)
+
+
+def test_batch_larger_than_engine_is_refused(engine_factory):
+    eng = engine_factory(tp=1, batch_sizes=(2,), max_seq=16)
+    with pytest.raises(ConfigError, match="larger than the engine's largest batch 2"):
+        eng.generate([[1]] * 3, 2)
