@@ -67,6 +67,10 @@ class Generation:
     token_ns: list[int]
     start_ns: int = 0                 # when rank 0 began prefill
     info: dict = field(default_factory=dict)
+    request_token_ns: list | None = None  # per-request times, for engines whose requests run apart
+
+    def times_per_request(self) -> list[list[int]]:
+        return self.request_token_ns or [self.token_ns] * len(self.tokens)
 
 
 def visible_gpus() -> int:
