@@ -6,7 +6,6 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 
-import numpy as np
 from scipy.stats import mannwhitneyu
 
 from .storage import DataError, find_runs, fingerprint, load_run

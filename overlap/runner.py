@@ -150,9 +150,8 @@ class Runner:
     def generate(self, prompts: list[list[int]], max_tokens: int, comm_free: bool = False) -> dict:
         mode = self.spec["overlap"]
         b, p = len(prompts), len(prompts[0])
-        self.comm.comm_free = comm_free
         steps = self._graph(b, comm_free) if max_tokens > 1 else None
-        self.comm.comm_free = comm_free
+        self.comm.comm_free = comm_free  # after _graph: a capture may have switched it
         buf = self._buffers(b)
         now = time.perf_counter_ns
         tokens = torch.tensor(prompts, dtype=torch.long).to(self.device)

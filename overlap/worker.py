@@ -11,7 +11,6 @@ import ctypes
 import os
 import signal
 import sys
-import time
 import traceback
 
 
