@@ -8,10 +8,11 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="llm-bench", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    from . import compare, gate
+    from . import compare, gate, report
 
     compare.add_parser(sub)
     gate.add_parser(sub)
+    report.add_parser(sub)
     a = ap.parse_args(argv)
     return a.func(a)
 

@@ -68,6 +68,7 @@ class Generation:
     start_ns: int = 0                 # when rank 0 began prefill
     info: dict = field(default_factory=dict)
     request_token_ns: list | None = None  # per-request times, for engines whose requests run apart
+    rank_token_ns: list | None = None     # per rank: when each step ended on that rank's host
 
     def times_per_request(self) -> list[list[int]]:
         return self.request_token_ns or [self.token_ns] * len(self.tokens)
@@ -276,11 +277,17 @@ class TPEngine:
         self.check(len(prompts), len(prompts[0]), max_tokens)
         submit = time.perf_counter_ns()
         self._send(("generate", [list(map(int, p)) for p in prompts], int(max_tokens), bool(comm_free)))
-        res = self._collect("generate", self.config.timeout_s)[0][1]
+        replies = self._collect("generate", self.config.timeout_s)
+        res = replies[0][1]
         info = {"overlap_applied": ",".join(applied_parts(self.config.overlap, len(prompts))) or "none"}
         if "mem_peak_gb" in res:
             info["gpu_mem_gb_peak"] = res["mem_peak_gb"]
-        return Generation(res["tokens"], submit, res["token_ns"], res["start_ns"], info)
+        for k in ("step_gap_us_p50", "step_gap_us_mean"):
+            if k in res:
+                info[k] = res[k]
+        g = Generation(res["tokens"], submit, res["token_ns"], res["start_ns"], info)
+        g.rank_token_ns = [r[1]["token_ns"] for r in replies]  # each rank's step ends, for traces
+        return g
 
     def logits(self, prompts: list[list[int]]):
         self._send(("logits", prompts))

@@ -108,31 +108,53 @@ class Runner:
             buf["pos"].add_(1)
         return body
 
+    def _capture(self, fns: list, reset=None) -> list:
+        """CUDA graphs of `fns` (after two warm-up runs each on a side stream, as capture requires);
+        the functions themselves where graphs are off. `reset` restores state the warm-ups advanced."""
+        if not self.use_graphs:
+            return fns
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for fn in fns:
+                for _ in range(2):
+                    fn()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        if reset:
+            reset()
+        graphs = []
+        for fn in fns:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g, pool=self.pool):
+                fn()
+            graphs.append(g.replay)
+        return graphs
+
     def _graph(self, b: int, comm_free: bool):
         """Decode graphs for batch `b`: one per direction of the two token buffers."""
         key = (b, comm_free)
         if key not in self.graphs:
             self.comm.comm_free = comm_free
-            bodies = [self._step_body(b, 0), self._step_body(b, 1)]
-            if not self.use_graphs:
-                self.graphs[key] = bodies
-            else:
-                graphs = []
-                self._buffers(b)["pos"].zero_()  # warm-up steps advance it: start inside the cache
-                side = torch.cuda.Stream(self.device)
-                side.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(side):
-                    for body in bodies:
-                        for _ in range(2):
-                            body()
-                torch.cuda.current_stream(self.device).wait_stream(side)
-                self._buffers(b)["pos"].zero_()
-                for body in bodies:
-                    g = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(g, pool=self.pool):
-                        body()
-                    graphs.append(g.replay)
-                self.graphs[key] = graphs
+            pos = self._buffers(b)["pos"]
+            pos.zero_()  # warm-up steps advance it: start inside the cache
+            self.graphs[key] = self._capture([self._step_body(b, 0), self._step_body(b, 1)], reset=pos.zero_)
+        return self.graphs[key]
+
+    def _prefill(self, b: int, p: int, comm_free: bool):
+        """Prefill of a (b, p) batch as one graph (static input/output buffers): eager prefill is
+        hundreds of launches, so its time (TTFT) would follow the host's speed, not the GPU's."""
+        key = ("prefill", b, p, comm_free)
+        if key not in self.graphs:
+            self.comm.comm_free = comm_free
+            tok = torch.zeros(b, p, dtype=torch.long, device=self.device)
+            pos = torch.arange(p, device=self.device)
+            out = torch.zeros(b, dtype=torch.long, device=self.device)
+            chunks = prefill_chunks(self.spec["overlap"], b, p, self.spec["num_streams"])
+
+            def body():
+                out.copy_(self.model.forward_next(tok, pos, chunks))
+            (run,) = self._capture([body])
+            self.graphs[key] = (tok, out, run)
         return self.graphs[key]
 
     # -- generation ----------------------------------------------------------------------------------
@@ -148,18 +170,30 @@ class Runner:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_tokens: int, comm_free: bool = False) -> dict:
-        mode = self.spec["overlap"]
         b, p = len(prompts), len(prompts[0])
         steps = self._graph(b, comm_free) if max_tokens > 1 else None
-        self.comm.comm_free = comm_free  # after _graph: a capture may have switched it
+        tok_in, first, prefill = self._prefill(b, p, comm_free)
+        self.comm.comm_free = comm_free  # after the captures: one may have switched it
         buf = self._buffers(b)
         now = time.perf_counter_ns
-        tokens = torch.tensor(prompts, dtype=torch.long).to(self.device)
-        pos = torch.arange(p, device=self.device)
         t_start = now()
-        first = self.model.forward_next(tokens, pos, prefill_chunks(mode, b, p, self.spec["num_streams"]))
+        tok_in.copy_(torch.tensor(prompts, dtype=torch.long))
+        prefill()
         out, times = [], []
         double = "double_buffer" in self.sm.parts
+        marks: list = []  # (start, end) CUDA events around each decode step, rank 0 only
+        if self.cuda and self.rank == 0 and steps is not None:
+            raw = steps
+
+            def timed(i):
+                def run():
+                    s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s0.record()
+                    raw[i]()
+                    s1.record()
+                    marks.append((s0, s1))
+                return run
+            steps = [timed(0), timed(1)]
         if double:  # the first decode step reads prefill's tokens on the GPU: launch it, then look
             buf["tok"][0].copy_(first)
             buf["pos"].fill_(p)
@@ -189,6 +223,12 @@ class Runner:
                 out.append(buf["host_tok"][i % 2].tolist())
         self.comm.comm_free = False
         res = {"token_ns": times, "start_ns": t_start}
+        if len(marks) > 1:
+            # GPU idle time between consecutive decode steps: what the host's turn-around costs.
+            marks[-1][1].synchronize()
+            gaps = sorted(marks[i][1].elapsed_time(marks[i + 1][0]) * 1e3 for i in range(len(marks) - 1))
+            res["step_gap_us_p50"] = gaps[len(gaps) // 2]
+            res["step_gap_us_mean"] = sum(gaps) / len(gaps)
         if self.rank == 0:
             res["tokens"] = [list(r) for r in zip(*out)]
             if self.cuda:
