@@ -33,13 +33,19 @@ for stage in "$@"; do
     overlap70) $B -m overlap --model llama3-70b --tp-sizes 4 --batch-sizes 1 16 64 --overlap-modes none prefetch pipeline full \
           --profile-communication --num-runs 3 --warmup-runs 1 --benchmark-json $OUT/overlap-70b.json ;;
     peer) $PY scripts/hf_peer.py --model llama3-8b | tee $OUT/hf-peer.json ;;
+    gate)  # two sessions of the same commit (A/A) and one with a real slowdown (CUDA graphs off)
+      G="$B -m baseline --model llama3-8b --batch-sizes 1 --num-runs 10"
+      $G --benchmark-json $OUT/gate-a1.json | tail -1; $G --benchmark-json $OUT/gate-a2.json | tail -1
+      $G --no-cuda-graphs --benchmark-json $OUT/gate-slow.json | tail -1
+      $PY -m llm_bench.cli gate --baseline $OUT/gate-a1.json --candidate $OUT/gate-a2.json; echo "A/A exit $?"
+      $PY -m llm_bench.cli gate --baseline $OUT/gate-a1.json --candidate $OUT/gate-slow.json; echo "slowdown exit $?" ;;
+    trace)
+      R=$(mktemp -d)
+      $PY -m pytest benchmarks -q -p no:cacheprovider -m "tensor_parallel or overlap" -k "not allreduce" \
+        --model llama3-8b --tp-sizes 1 2 --batch-sizes 1 --overlap-modes none double_buffer --num-runs 5 \
+        --warmup-runs 2 --enable-trace --profile-communication --results-dir $R --benchmark-json $OUT/trace-run.json
+      $PY -m llm_bench.cli report $OUT/trace-run.json --out $R/report
+      tar -czf $OUT/report-and-traces.tar.gz -C $R report traces ;;
   esac
 done
 echo "=== done $(date -u +%T)"
-# gate: two runs of the same commit (A/A) and one with a real slowdown (CUDA graphs off), gated.
-if [ "${GATE:-0}" = 1 ]; then
-  for r in a1 a2; do $B -m baseline --model llama3-8b --batch-sizes 1 --num-runs 10 --benchmark-json $OUT/gate-$r.json | tail -1; done
-  $B -m baseline --model llama3-8b --batch-sizes 1 --num-runs 10 --no-cuda-graphs --benchmark-json $OUT/gate-slow.json | tail -1
-  $PY -m llm_bench.cli gate --baseline $OUT/gate-a1.json --candidate $OUT/gate-a2.json; echo "A/A exit $?"
-  $PY -m llm_bench.cli gate --baseline $OUT/gate-a1.json --candidate $OUT/gate-slow.json; echo "slowdown exit $?"
-fi
