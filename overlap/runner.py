@@ -30,7 +30,6 @@ class Runner:
         self.use_graphs = self.cuda and spec["cuda_graphs"]
         self.graphs: dict = {}
         self.bufs: dict = {}
-        self.pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         if world > 1:  # first collective outside any graph capture (NCCL communicator set-up)
             t = torch.ones(1, device=device)
             torch.distributed.all_reduce(t)
@@ -125,7 +124,10 @@ class Runner:
         graphs = []
         for fn in fns:
             g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g, pool=self.pool):
+            # A private pool per graph: graphs captured later (comm-free, new batch sizes) and replayed
+            # in another order than captured must not reuse each other's memory (seen on H200: a
+            # device-side assert after comm-free graphs were captured into a shared pool).
+            with torch.cuda.graph(g):
                 fn()
             graphs.append(g.replay)
         return graphs
@@ -194,12 +196,12 @@ class Runner:
                     marks.append((s0, s1))
                 return run
             steps = [timed(0), timed(1)]
+        ready = self._host(first, buf["host_tok"][0])  # queued before step 1: TTFT does not wait for it
         if double:  # the first decode step reads prefill's tokens on the GPU: launch it, then look
             buf["tok"][0].copy_(first)
             buf["pos"].fill_(p)
             if max_tokens > 1:
                 steps[0]()
-        ready = self._host(first, buf["host_tok"][0])
         ready()
         times.append(now())
         out.append(buf["host_tok"][0].tolist())
