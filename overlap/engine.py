@@ -246,7 +246,11 @@ class TPEngine:
         logs = "\n".join(f"  rank {r} log ({self._log(r)}):\n{self._log_tail(r)}" for r in ranks)
         self.dead = why
         self.close()
-        msg = why + (f"\n{logs}" if logs.strip() else "")
+        where = ""
+        if tb:  # the rank's own traceback, last frames: where in the runtime it failed
+            frames = [ln for ln in tb.splitlines() if ln.startswith("  File ")][-4:]
+            where = "\n  rank traceback (last frames):\n" + "\n".join("  " + f.strip() for f in frames)
+        msg = why + where + (f"\n{logs}" if logs.strip() else "")
         if kind == "config":
             raise ConfigError(why)
         if kind == "mode":
