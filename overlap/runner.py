@@ -156,7 +156,10 @@ class Runner:
             def body():
                 out.copy_(self.model.forward_next(tok, pos, chunks))
             (run,) = self._capture([body])
-            self.graphs[key] = (tok, out, run)
+            # `pos` must live as long as the graph: the graph reads its memory, and a tensor only
+            # the dropped closure held would go back to the allocator and be reused (seen on H200:
+            # garbage positions, an out-of-bounds RoPE gather after later captures).
+            self.graphs[key] = (tok, out, run, pos)
         return self.graphs[key]
 
     # -- generation ----------------------------------------------------------------------------------
@@ -174,7 +177,7 @@ class Runner:
     def generate(self, prompts: list[list[int]], max_tokens: int, comm_free: bool = False) -> dict:
         b, p = len(prompts), len(prompts[0])
         steps = self._graph(b, comm_free) if max_tokens > 1 else None
-        tok_in, first, prefill = self._prefill(b, p, comm_free)
+        tok_in, first, prefill, _ = self._prefill(b, p, comm_free)
         self.comm.comm_free = comm_free  # after the captures: one may have switched it
         buf = self._buffers(b)
         now = time.perf_counter_ns
