@@ -90,7 +90,7 @@ def plot_latency(plt, rows, path) -> bool:
     if not es:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(max(8, 0.9 * len(es)), 4.5))
-    for ax, key, title in ((axes[0], "ttft_ms", "TTFT (ms)"), (axes[1], "itl_ms", "inter-token latency (ms)")):
+    for ax, key, title in ((axes[0], "ttft_ms", "TTFT ms"), (axes[1], "itl_ms", "ITL ms")):
         stats = []
         for name, e in es:
             if f"{key}_p50" not in e:
@@ -102,7 +102,7 @@ def plot_latency(plt, rows, path) -> bool:
         if stats:
             ax.bxp(stats, showfliers=False, showmeans=True)
             ax.tick_params(axis="x", rotation=60, labelsize=7)
-        ax.set(title=f"{title}: box p25-p75, whiskers min-p99")
+        ax.set(title=f"{title} (box p25-p75, whiskers min-p99)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -8,6 +8,7 @@ also die with the engine process through PR_SET_PDEATHSIG).
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import secrets
 import signal
@@ -292,6 +293,28 @@ class TPEngine:
         g = Generation(res["tokens"], submit, res["token_ns"], res["start_ns"], info)
         g.rank_token_ns = [r[1]["token_ns"] for r in replies]  # each rank's step ends, for traces
         return g
+
+    def torch_profile(self, prompts: list[list[int]], max_tokens: int, path: str) -> str:
+        """One generation under torch.profiler on every rank, merged into one Chrome trace at `path`
+        with one process per rank (kernel-level view: GEMMs, attention, NCCL/symm all-reduces)."""
+        self.check(len(prompts), len(prompts[0]), max_tokens)
+        self._send(("profile", [list(map(int, p)) for p in prompts], int(max_tokens), path))
+        self._collect("torch profile", self.config.timeout_s)
+        merged = []
+        for r in range(self.config.tp):
+            part = f"{path}.rank{r}"
+            with open(part) as f:
+                d = json.load(f)
+            os.remove(part)
+            for e in d.get("traceEvents", []):
+                if isinstance(e, dict) and "pid" in e:
+                    e["pid"] = f"rank {r}: {e['pid']}"
+                    merged.append(e)
+            merged.append({"name": "process_name", "ph": "M", "pid": f"rank {r}", "tid": 0,
+                           "args": {"name": f"rank {r}"}})
+        with open(path, "w") as f:
+            json.dump({"traceEvents": merged, "displayTimeUnit": "ms"}, f)
+        return path
 
     def logits(self, prompts: list[list[int]]):
         self._send(("logits", prompts))

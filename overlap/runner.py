@@ -240,6 +240,17 @@ class Runner:
                 res["mem_peak_gb"] = torch.cuda.max_memory_allocated(self.device) / 1e9
         return res
 
+    def profiled_generate(self, prompts, max_tokens: int, path: str) -> dict:
+        """One generation under torch.profiler (CPU + CUDA kernels), exported as this rank's Chrome
+        trace; the engine merges the ranks' files into one."""
+        from torch.profiler import ProfilerActivity, profile
+
+        acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+        with profile(activities=acts) as prof:
+            res = self.generate(prompts, max_tokens)
+        prof.export_chrome_trace(f"{path}.rank{self.rank}")
+        return res
+
     @torch.inference_mode()
     def logits(self, prompts: list[list[int]]) -> list:
         """Prefill logits at every position, then greedy-decode logits: for correctness tests."""

@@ -53,6 +53,8 @@ def rank_main(rank: int, world: int, port: int, address: str) -> None:
         try:
             if cmd == "generate":
                 conn.send(("ok", runner.generate(*msg[1:])))
+            elif cmd == "profile":
+                conn.send(("ok", runner.profiled_generate(*msg[1:])))
             elif cmd == "logits":
                 conn.send(("ok", runner.logits(*msg[1:])))
             elif cmd == "collective":

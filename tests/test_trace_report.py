@@ -66,3 +66,16 @@ def test_profile_script_basic_mode_without_nvml(tmp_path):
     r = subprocess.run([str(ROOT / "scripts" / "profile_gpu.sh"), "-m", "nsight", "--", "benchmarks"],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 3 and "ncu" in r.stderr
+
+
+def test_torch_profile_merges_ranks(tmp_path):
+    r = run_pytest(ROOT / "benchmarks", "-k", "test_tensor_parallel and tp2", "--batch-sizes", "1", "--prompt-len",
+                   "4", "--max-tokens", "3", "--num-runs", "1", "--warmup-runs", "0", "--torch-profile",
+                   "--results-dir", tmp_path)
+    assert r.returncode == 0, r.stdout[-2000:]
+    d = json.loads((tmp_path / "traces" / "test_tensor_parallel_tp2-bs1-torch.json").read_text())
+    pids = {e["pid"] for e in d["traceEvents"]}
+    assert {"rank 0", "rank 1"} <= pids
+    assert any("all_reduce" in e.get("name", "") or "allreduce" in e.get("name", "").lower()
+               for e in d["traceEvents"])
+    assert not list((tmp_path / "traces").glob("*.rank*"))  # per-rank parts merged and removed
