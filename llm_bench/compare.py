@@ -6,7 +6,7 @@ import csv
 import json
 import sys
 
-from .storage import DataError, find_runs, fingerprint, load_run
+from .storage import DataError, fingerprint, load_runs
 
 DEFAULT_COLUMNS = ["ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "tpot_ms_p50", "tok_per_s", "mbu",
                    "scaling_efficiency", "comm_share", "overlap_gain"]
@@ -43,7 +43,7 @@ def rows_for(runs: list[dict], columns: list[str], group_by: list[str]) -> list[
 
 def run(a) -> int:
     try:
-        runs = [load_run(p) for p in find_runs(a.runs, a.storage)]
+        runs = load_runs(a.runs, a.storage)
     except DataError as e:
         print(f"llm-bench compare: {e}", file=sys.stderr)
         return 2

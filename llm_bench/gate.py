@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import mannwhitneyu
 
-from .storage import DataError, find_runs, fingerprint, load_run
+from .storage import DataError, fingerprint, load_runs
 
 
 @dataclass
@@ -111,8 +111,8 @@ def add_parser(sub) -> None:
 def run(a) -> int:
     try:
         rules = [parse_rule(m) for m in a.metric] or DEFAULT_RULES
-        base = [load_run(p) for p in find_runs(a.baseline, a.storage)]
-        cand = load_run(find_runs([a.candidate] if a.candidate else [], a.storage)[0])
+        base = load_runs(a.baseline, a.storage)
+        cand = load_runs([a.candidate] if a.candidate else [], a.storage)[0]
     except (DataError, ValueError) as e:
         print(f"llm-bench gate: {e}", file=sys.stderr)
         return 2

@@ -7,7 +7,7 @@ import os
 import sys
 from collections import defaultdict
 
-from .storage import DataError, find_runs, load_run
+from .storage import DataError, load_runs
 
 TABLE = [("TTFT p50 ms", "ttft_ms_p50", "{:.2f}"), ("ITL p50 ms", "itl_ms_p50", "{:.3f}"),
          ("ITL p99 ms", "itl_ms_p99", "{:.3f}"), ("TPOT ms", "tpot_ms_p50", "{:.3f}"), ("tok/s", "tok_per_s", "{:.1f}"),
@@ -39,6 +39,13 @@ def _label(e: dict) -> str:
     return f"{e.get('model')} bs{e.get('batch_size')}"
 
 
+def _save(plt, fig, path) -> bool:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def plot_speedup(plt, rows, path) -> bool:
     groups = defaultdict(list)
     for r in rows:
@@ -64,10 +71,7 @@ def plot_speedup(plt, rows, path) -> bool:
            title="Tensor-parallel speedup (labels: scaling efficiency)")
     ax.set_xticks(sorted({e["tp"] for es in groups.values() for e in es} | {1}))
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_efficiency(plt, rows, path) -> bool:
@@ -79,10 +83,7 @@ def plot_efficiency(plt, rows, path) -> bool:
     ax.axhline(1.0, color="k", ls="--", lw=1)
     ax.set_xticks(range(len(es)), [f"tp{e['tp']} bs{e.get('batch_size')}" for _, e in es], rotation=30, fontsize=8)
     ax.set(ylabel="scaling efficiency", title="Scaling efficiency (1.0 = ideal)", ylim=(0, 1.15))
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_latency(plt, rows, path) -> bool:
@@ -103,10 +104,7 @@ def plot_latency(plt, rows, path) -> bool:
             ax.bxp(stats, showfliers=False, showmeans=True)
             ax.tick_params(axis="x", rotation=60, labelsize=7)
         ax.set(title=f"{title} (box p25-p75, whiskers min-p99)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_overlap(plt, rows, path) -> bool:
@@ -125,10 +123,7 @@ def plot_overlap(plt, rows, path) -> bool:
     ax.set_xticks([j + 0.4 - w / 2 for j in range(len(cfgs))], [f"tp{t} bs{b}" for t, b in cfgs])
     ax.set(ylabel="gain vs none (%)", title="Overlap gain (TPOT none / TPOT mode - 1)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 def plot_timeline(plt, rows, path) -> bool:
@@ -140,10 +135,7 @@ def plot_timeline(plt, rows, path) -> bool:
     ax.plot(range(len(t)), t, ".-")
     ax.set_yscale("log")
     ax.set(xlabel="output token", ylabel="latency (ms, log)", title=f"Per-token latency, one request: {pick['name']}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return True
+    return _save(plt, fig, path)
 
 
 PLOTS = [("speedup.png", plot_speedup, "Speedup vs TP size, with the ideal line"),
@@ -183,7 +175,7 @@ def make_report(runs: list[dict], out: str) -> list[str]:
 
 def run(a) -> int:
     try:
-        runs = [load_run(p) for p in find_runs(a.runs, a.storage)]
+        runs = load_runs(a.runs, a.storage)
     except DataError as e:
         print(f"llm-bench report: {e}", file=sys.stderr)
         return 2

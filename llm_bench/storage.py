@@ -50,3 +50,8 @@ def load_run(path: str) -> dict:
 
 def fingerprint(run: dict) -> str | None:
     return ((run.get("machine_info") or {}).get("gpu") or {}).get("fingerprint")
+
+
+def load_runs(specs: list[str], storage: str = ".benchmarks") -> list[dict]:
+    """The runs `specs` name (latest when empty), loaded and checked."""
+    return [load_run(p) for p in find_runs(specs, storage)]
