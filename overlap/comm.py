@@ -43,6 +43,7 @@ class Comm:
         symm_mem.rendezvous(buf, group_name)
         self.group_name = group_name
         self.symm_buf = buf
+        self.one_shot = torch.ops.symm_mem.one_shot_all_reduce_out
         # Check it once against NCCL before trusting it.
         x = torch.full((1024,), float(self.rank + 1), device=self.device, dtype=dtype)
         out = torch.empty_like(x)
@@ -55,16 +56,16 @@ class Comm:
     def _symm(self, x: torch.Tensor, out: torch.Tensor) -> None:
         n = x.numel()
         self.symm_buf[:n].copy_(x.reshape(-1))
-        torch.ops.symm_mem.one_shot_all_reduce_out(self.symm_buf[:n], "sum", self.group_name,
-                                                    out.reshape(-1))
+        self.one_shot(self.symm_buf[:n], "sum", self.group_name, out.view(-1))
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over ranks; returns the result (in place for NCCL/gloo)."""
         if self.world == 1 or self.comm_free:
             return x
         if self.symm_buf is not None and x.numel() * x.element_size() <= SYMM_MAX_BYTES:
+            x = x.contiguous()  # `out` must be contiguous too: the kernel writes through out.view(-1)
             out = torch.empty_like(x)
-            self._symm(x.contiguous(), out)
+            self._symm(x, out)
             return out
         dist.all_reduce(x)
         return x
