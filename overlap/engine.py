@@ -276,12 +276,23 @@ class TPEngine:
         if why:
             raise ModeNotApplicable(why)
 
-    def generate(self, prompts: list[list[int]], max_tokens: int, comm_free: bool = False) -> Generation:
-        if len({len(p) for p in prompts}) != 1:
-            raise ConfigError("all prompts of a batch must have the same length")
+    def _prompts(self, prompts: list[list[int]], max_tokens: int = 1) -> list[list[int]]:
+        """Prompts as plain ints, refused here when the ranks could not serve them: an id outside
+        the vocabulary would be a device-side assert on a GPU, which kills the engine."""
+        if not prompts or len({len(p) for p in prompts}) != 1:
+            raise ConfigError("a batch needs at least one prompt, all of the same length")
         self.check(len(prompts), len(prompts[0]), max_tokens)
+        out = [list(map(int, p)) for p in prompts]
+        vocab = self.model_config.vocab_size
+        bad = next((t for p in out for t in p if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ConfigError(f"token id {bad} is outside the model's vocabulary (0..{vocab - 1})")
+        return out
+
+    def generate(self, prompts: list[list[int]], max_tokens: int, comm_free: bool = False) -> Generation:
+        prompts = self._prompts(prompts, max_tokens)
         submit = time.perf_counter_ns()
-        self._send(("generate", [list(map(int, p)) for p in prompts], int(max_tokens), bool(comm_free)))
+        self._send(("generate", prompts, int(max_tokens), bool(comm_free)))
         replies = self._collect("generate", self.config.timeout_s)
         res = replies[0][1]
         info = {"overlap_applied": ",".join(applied_parts(self.config.overlap, len(prompts))) or "none"}
@@ -297,8 +308,7 @@ class TPEngine:
     def torch_profile(self, prompts: list[list[int]], max_tokens: int, path: str) -> str:
         """One generation under torch.profiler on every rank, merged into one Chrome trace at `path`
         with one process per rank (kernel-level view: GEMMs, attention, NCCL/symm all-reduces)."""
-        self.check(len(prompts), len(prompts[0]), max_tokens)
-        self._send(("profile", [list(map(int, p)) for p in prompts], int(max_tokens), path))
+        self._send(("profile", self._prompts(prompts, max_tokens), int(max_tokens), path))
         self._collect("torch profile", self.config.timeout_s)
         merged = []
         for r in range(self.config.tp):
@@ -317,7 +327,7 @@ class TPEngine:
         return path
 
     def logits(self, prompts: list[list[int]]):
-        self._send(("logits", prompts))
+        self._send(("logits", self._prompts(prompts)))
         return self._collect("logits", self.config.timeout_s)[0][1]
 
     def collective(self, nbytes: int, iters: int = 50, use_graph: bool = True) -> dict:

@@ -22,7 +22,8 @@ for stage in "$@"; do
       for ar in ${SMOKE_AR:-nccl symm}; do
         timeout 120 $PY -m overlap.generate --model llama3-1b --tp 2 --device cuda --batch-size 4 \
           --prompt-len 32 --max-tokens 16 --allreduce $ar | cut -c1-300
-      done ;;
+      done
+      $PY -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider ;;
     baseline) $B -m baseline --model llama3-8b --batch-sizes 1 16 --benchmark-json $OUT/baseline-8b.json ;;
     tp) $B -m tensor_parallel --model llama3-8b --tp-sizes $TPS --batch-sizes 1 16 --profile-communication \
           --benchmark-json $OUT/tp-8b.json ;;

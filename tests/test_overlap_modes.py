@@ -1,8 +1,11 @@
 """Every overlap mode gives exactly the tokens of `none` (CPU, gloo TP=2, where the modes run the
 same code paths in program order); a mode that cannot apply says why; no streams leak."""
+import os
+
 import pytest
 
 from overlap.config import ConfigError
+from overlap.engine import EngineConfig, TPEngine
 from overlap.generate import random_prompts
 from overlap.streams import MODES, ModeNotApplicable, StreamManager, check_applicable
 
@@ -47,3 +50,34 @@ def test_batch_larger_than_engine_is_refused(engine_factory):
     eng = engine_factory(tp=1, batch_sizes=(2,), max_seq=16)
     with pytest.raises(ConfigError, match="larger than the engine's largest batch 2"):
         eng.generate([[1]] * 3, 2)
+
+
+def _children() -> set[int]:
+    me = str(os.getpid())
+    kids = set()
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(") ", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[1] == me and fields[0] != "Z":
+            kids.add(int(d))
+    return kids
+
+
+def test_repeated_builds_of_every_mode_leak_nothing():
+    """Build and close an engine of every mode twice: afterwards this process has the child processes
+    and open file descriptors it had before (the ranks, their sockets and logs are gone), and every
+    build reports the same stream count (0 on CPU; on GPUs tests/test_gpu.py counts them per mode)."""
+    before_kids, before_fds = _children(), len(os.listdir("/proc/self/fd"))
+    streams = {}
+    for _ in range(2):
+        for mode in MODES:
+            with TPEngine(EngineConfig(model="tiny", tp=2, overlap=mode, batch_sizes=(2,), max_seq=12,
+                                       timeout_s=120)) as eng:
+                assert len(eng.generate([[1, 2], [3, 4]], 4).tokens) == 2
+                streams.setdefault(mode, set()).add(eng.describe()["streams_created"])
+            assert _children() == before_kids, f"{mode}: rank processes left behind"
+            assert len(os.listdir("/proc/self/fd")) == before_fds, f"{mode}: file descriptors leaked"
+    assert all(counts == {0} for counts in streams.values()), streams

@@ -59,6 +59,18 @@ def test_prompt_plus_output_longer_than_cache(engine_factory):
     assert len(eng.generate([[1] * 10], 6).tokens[0]) == 6  # the engine is still usable
 
 
+def test_token_ids_outside_the_vocabulary_are_refused(engine_factory):
+    """On a GPU such an id is a device-side assert that kills the engine; here it is a clear error."""
+    eng = engine_factory(tp=1, max_seq=16)
+    vocab = eng.model_config.vocab_size
+    for bad in (vocab, -1):
+        with pytest.raises(ConfigError, match=rf"token id {bad} is outside the model's vocabulary \(0..{vocab - 1}\)"):
+            eng.generate([[1, bad]], 2)
+    with pytest.raises(ConfigError, match="at least one prompt"):
+        eng.generate([], 2)
+    assert len(eng.generate([[vocab - 1, 0]], 2).tokens[0]) == 2
+
+
 def test_generate_cli_reports_refusal(capsys):
     assert generate_main(["--model", "tiny", "--tp", "3"]) == 2
     assert "does not divide" in capsys.readouterr().err
