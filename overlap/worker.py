@@ -14,7 +14,7 @@ import sys
 import traceback
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Linux: get SIGKILL when the engine process dies, so no rank outlives it (Ctrl-C, crash)."""
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
@@ -23,7 +23,7 @@ def _die_with_parent() -> None:
 
 
 def rank_main(rank: int, world: int, port: int, address: str) -> None:
-    _die_with_parent()
+    die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the engine process decides; it kills us if needed
     from multiprocessing.connection import Client
 

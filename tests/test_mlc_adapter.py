@@ -1,10 +1,15 @@
-"""The MLC adapter's own logic on hand-made chunk sequences, and the skip path (MLC-LLM is not
-installable on this project's machines: nothing here runs a real MLC engine)."""
+"""The MLC adapter's own logic on hand-made chunk sequences, its engine process driven end to end
+against tests/fake_mlc (a test double of MLC's API that runs no model), and the skip path. MLC-LLM is
+not installable on this project's machines: nothing here runs a real MLC engine."""
+import json
+import os
+import signal
+import sys
 from types import SimpleNamespace as NS
 
 import pytest
 
-from fixtures.mlc_engine import mlc_missing_reason, stream_token_times
+from fixtures.mlc_engine import MLCEngineAdapter, mlc_missing_reason, stream_token_times
 from overlap.engine import EngineError
 from tests.helpers import ROOT, run_pytest
 
@@ -51,3 +56,53 @@ def test_mlc_benchmarks_skip_with_one_reason_when_mlc_is_missing(tmp_path):
     assert "mlc_llm is not installed" in r.stdout and "mlc.ai/wheels" in r.stdout
     assert "MLC-LLM has no overlap mode" in r.stdout
     assert " passed" not in r.stdout.splitlines()[-1]  # nothing ran
+
+
+@pytest.fixture
+def fake_mlc(monkeypatch, tmp_path):
+    """`mlc_llm` resolves to the test double here and in the engine process (spawn copies sys.path);
+    a model directory whose mlc-chat-config.json gives the vocabulary."""
+    monkeypatch.syspath_prepend(str(ROOT / "tests" / "fake_mlc"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "mlc-chat-config.json").write_text(json.dumps({"vocab_size": 777}))
+    yield model
+    for name in [m for m in sys.modules if m == "mlc_llm" or m.startswith("mlc_llm.")]:
+        del sys.modules[name]
+
+
+def _adapter(model, tmp_path, **kw):
+    return MLCEngineAdapter(model=str(model), tp=2, model_lib=str(tmp_path / "lib-tp{tp}.so"), max_batch=3,
+                            max_seq=24, timeout_s=60, trace_dir=str(tmp_path / "traces"), **kw)
+
+
+@pytest.mark.parametrize("per_chunk", [1, 3])
+def test_adapter_end_to_end_against_the_fake_engine(fake_mlc, tmp_path, monkeypatch, per_chunk):
+    monkeypatch.setenv("FAKE_MLC_TOKENS_PER_CHUNK", str(per_chunk))
+    eng = _adapter(fake_mlc, tmp_path, enable_trace=True)
+    try:
+        d = eng.describe()
+        assert (d["mlc_llm_version"], d["vocab_size"], d["tp"]) == ("0.0.0+fake", 777, 2)
+        for part in ("tensor_parallel_shards=2", "prefix_cache_mode='disable'", "lib-tp2.so",
+                     "max_num_sequence=3", "mode='server'"):
+            assert part in d["mlc_engine_config"]
+        os.kill(eng.proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group: the parent decides
+        g = eng.generate([[1, 2, 3, 4]] * 3, 8)
+        times = g.times_per_request()
+        assert len(times) == 3 and all(len(t) == 8 and t == sorted(t) and t[0] >= g.submit_ns for t in times)
+        assert g.info["mlc_ttft_ms"] > 0 and g.info["mlc_decode_tok_per_s"] > 0
+        with pytest.raises(EngineError, match="no comm-free variant"):
+            eng.generate([[1]], 2, comm_free=True)
+    finally:
+        eng.close()
+    assert not eng.proc.is_alive()
+    events = json.loads((tmp_path / "traces" / "mlc-tp2.json").read_text())
+    assert len(events) == 3 * -(-8 // per_chunk)  # one fake decode event per chunk sent
+
+
+def test_engine_process_dying_mid_stream_is_reported(fake_mlc, tmp_path, monkeypatch):
+    monkeypatch.setenv("FAKE_MLC_EXIT_AFTER_CHUNKS", "2")
+    eng = _adapter(fake_mlc, tmp_path)
+    with pytest.raises(EngineError, match=r"MLC engine process died \(exit code 3\) during generate"):
+        eng.generate([[1, 2]], 6)
+    assert not eng.proc.is_alive()
