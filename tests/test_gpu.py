@@ -18,17 +18,20 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(visible_gpus() < 2, reason="ne
 STREAMS = {"none": 0, "double_buffer": 0, "pipeline": 1, "prefetch": 2, "full": 3}
 
 
-def _engine(**kw) -> TPEngine:
-    return TPEngine(EngineConfig(model="tiny", tp=2, device="cuda", batch_sizes=(4,), max_seq=48,
+def _engine(tp: int = 2, **kw) -> TPEngine:
+    return TPEngine(EngineConfig(model="tiny", tp=tp, device="cuda", batch_sizes=(4,), max_seq=48,
                                  timeout_s=180, **kw))
 
 
-def test_symm_gives_the_tokens_of_nccl():
+@pytest.mark.parametrize("tp", [2, 4])
+def test_symm_gives_the_tokens_of_nccl(tp):
+    if tp > visible_gpus():
+        pytest.skip(f"TP={tp} needs {tp} GPUs; {visible_gpus()} visible")
     prompts = random_prompts(4, 32, 512, 0)
     tokens = {}
     for ar in ("nccl", "symm"):
         try:
-            eng = _engine(allreduce=ar)
+            eng = _engine(tp, allreduce=ar)
         except Exception as e:  # noqa: BLE001 - only symm's own refusal is a skip
             if ar == "symm" and "not available here" in str(e):
                 pytest.skip(f"symmetric memory unavailable on this stack: {e}")
