@@ -11,7 +11,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from overlap.comm import SYMM_MAX_BYTES, Comm
-from overlap.engine import EngineConfig, TPEngine, _free_port
+from overlap.engine import EngineConfig, TPEngine
+from overlap.procs import free_port
 
 SHAPES = [(1, 1, 64), (16, 1, 4096), (3, 5, 7), (SYMM_MAX_BYTES // 4 + 1,)]  # the last is over the limit
 
@@ -49,7 +50,7 @@ def _rank(rank: int, world: int, port: int) -> None:
 
 
 def test_symm_path_equals_the_process_group_all_reduce():
-    mp.spawn(_rank, args=(2, _free_port()), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, free_port()), nprocs=2, join=True)
 
 
 def test_allreduce_choice_is_checked():

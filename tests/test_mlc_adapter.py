@@ -11,7 +11,7 @@ import pytest
 
 from fixtures.mlc_engine import MLCEngineAdapter, mlc_missing_reason, stream_token_times
 from overlap.engine import EngineError
-from tests.helpers import ROOT, run_pytest
+from tests.helpers import ROOT, alive, run_pytest
 
 
 def text(t):
@@ -60,9 +60,11 @@ def test_mlc_benchmarks_skip_with_one_reason_when_mlc_is_missing(tmp_path):
 
 @pytest.fixture
 def fake_mlc(monkeypatch, tmp_path):
-    """`mlc_llm` resolves to the test double here and in the engine process (spawn copies sys.path);
+    """`mlc_llm` resolves to the test double here and in the engine process (through PYTHONPATH);
     a model directory whose mlc-chat-config.json gives the vocabulary."""
-    monkeypatch.syspath_prepend(str(ROOT / "tests" / "fake_mlc"))
+    fake = str(ROOT / "tests" / "fake_mlc")
+    monkeypatch.syspath_prepend(fake)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([fake] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     model = tmp_path / "model"
     model.mkdir()
     (model / "mlc-chat-config.json").write_text(json.dumps({"vocab_size": 777}))
@@ -86,7 +88,7 @@ def test_adapter_end_to_end_against_the_fake_engine(fake_mlc, tmp_path, monkeypa
         for part in ("tensor_parallel_shards=2", "prefix_cache_mode='disable'", "lib-tp2.so",
                      "max_num_sequence=3", "mode='server'"):
             assert part in d["mlc_engine_config"]
-        os.kill(eng.proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group: the parent decides
+        os.kill(eng.procs.pids[0], signal.SIGINT)  # Ctrl-C reaches the whole process group: the parent decides
         g = eng.generate([[1, 2, 3, 4]] * 3, 8)
         times = g.times_per_request()
         assert len(times) == 3 and all(len(t) == 8 and t == sorted(t) and t[0] >= g.submit_ns for t in times)
@@ -95,7 +97,7 @@ def test_adapter_end_to_end_against_the_fake_engine(fake_mlc, tmp_path, monkeypa
             eng.generate([[1]], 2, comm_free=True)
     finally:
         eng.close()
-    assert not eng.proc.is_alive()
+    assert not alive(eng.procs.pids[0])
     events = json.loads((tmp_path / "traces" / "mlc-tp2.json").read_text())
     assert len(events) == 3 * -(-8 // per_chunk)  # one fake decode event per chunk sent
 
@@ -103,6 +105,6 @@ def test_adapter_end_to_end_against_the_fake_engine(fake_mlc, tmp_path, monkeypa
 def test_engine_process_dying_mid_stream_is_reported(fake_mlc, tmp_path, monkeypatch):
     monkeypatch.setenv("FAKE_MLC_EXIT_AFTER_CHUNKS", "2")
     eng = _adapter(fake_mlc, tmp_path)
-    with pytest.raises(EngineError, match=r"MLC engine process died \(exit code 3\) during generate"):
+    with pytest.raises(EngineError, match=r"MLC engine process 0 \(pid \d+\) died with exit code 3 during generate"):
         eng.generate([[1, 2]], 6)
-    assert not eng.proc.is_alive()
+    assert not alive(eng.procs.pids[0])

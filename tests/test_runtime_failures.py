@@ -12,18 +12,7 @@ import pytest
 from overlap.config import ConfigError, resolve_model
 from overlap.engine import EngineConfig, EngineError, TPEngine
 from overlap.generate import main as generate_main
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[1][0] != "Z"
-    except OSError:
-        return False
+from tests.helpers import alive
 
 
 def test_tp_that_does_not_divide_heads():

@@ -1,0 +1,262 @@
+"""The processes behind one engine, whatever the engine: the built-in engine's ranks and the MLC-LLM
+engine process both run here.
+
+Each is started as `python -m MODULE index count address` (a fresh interpreter: no CUDA state is
+inherited and the caller's main module is not re-imported), connects back over an authenticated
+socket (the child's side is `overlap.worker.connect`), and dies with its parent (PR_SET_PDEATHSIG).
+A process that crashes (seen at once through a Linux pidfd) or hangs (no reply within the timeout)
+is reported with its exit status and the tail of its log, and every process is reaped: none survives
+`close()`, an exception, or Ctrl-C.
+"""
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import traceback
+import weakref
+from multiprocessing.connection import Listener, wait
+
+from .config import ConfigError
+from .streams import ModeNotApplicable
+
+# NVLink multicast off unless the caller says otherwise (shared hosts: see the README's GPU section).
+NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+class EngineError(RuntimeError):
+    """The engine failed: a process crashed, hung, ran out of memory or raised."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _exit_waitable(proc: subprocess.Popen):
+    """A file descriptor that becomes readable when `proc` exits (Linux pidfd), or None."""
+    try:
+        return os.pidfd_open(proc.pid)
+    except (AttributeError, OSError):
+        return None
+
+
+_LIVE: "weakref.WeakSet[EngineProcesses]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    for p in list(_LIVE):
+        p.close()
+
+
+class EngineProcesses:
+    """`count` processes of `module`, each sent `spec` once connected; `ready` holds their start-up
+    replies. Replies are `("ok"|"ready", value)` or `("error", kind, text, traceback)`, where kind
+    "config"/"mode"/"oom" become ConfigError/ModeNotApplicable/out-of-memory errors here."""
+
+    def __init__(self, module: str, count: int, spec: dict, logdir: str, start_timeout: float,
+                 name: str = "rank", stop_timeout: float = 10):
+        self.module, self.count, self.logdir, self.name = module, count, logdir, name
+        self.stop_timeout = stop_timeout
+        self.procs: list[subprocess.Popen] = []
+        self.conns: list = []
+        self._sentinels: list = []
+        self.dead: str | None = None
+        _LIVE.add(self)
+        try:
+            self._spawn(spec)
+            self.ready = [r[1] for r in self.collect("start-up", start_timeout)]
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.procs]
+
+    def _spawn(self, spec: dict) -> None:
+        spec = {**spec, "parent_pid": os.getpid()}  # a child whose parent is already gone exits at once
+        key = secrets.token_bytes(16)
+        with Listener(("127.0.0.1", 0), authkey=key) as lst:
+            env = {**NCCL_SAFE_ENV, **os.environ, "LLM_BENCH_AUTHKEY": key.hex(), "PYTHONPATH": os.pathsep.join(
+                [_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+            for r in range(self.count):
+                log = open(self.log(r), "w")
+                self.procs.append(subprocess.Popen(
+                    [sys.executable, "-m", self.module, str(r), str(self.count), f"{lst.address[0]}:{lst.address[1]}"],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
+                log.close()
+            conns: dict[int, object] = {}
+            lst._listener._socket.settimeout(60)
+            while len(conns) < self.count:
+                dead = [r for r, p in enumerate(self.procs) if p.poll() is not None]
+                if dead:
+                    self._fail(f"{self.name} {dead[0]} exited with code {self.procs[dead[0]].returncode} "
+                               "at start-up", dead)
+                try:
+                    conn = lst.accept()
+                except (TimeoutError, OSError) as e:
+                    self._fail(f"{self.name}s did not connect within 60 s ({e})", list(range(self.count)))
+                r = conn.recv()
+                conn.send(spec)
+                conns[r] = conn
+            self.conns = [conns[r] for r in range(self.count)]
+        self._sentinels = [_exit_waitable(p) for p in self.procs]
+
+    def log(self, r: int) -> str:
+        return os.path.join(self.logdir, f"{self.name.replace(' ', '-')}{r}.log")
+
+    def _log_tail(self, r: int, n: int = 15) -> str:
+        try:
+            with open(self.log(r)) as f:
+                lines = f.read().splitlines()[-n:]
+            return "\n".join("    " + ln for ln in lines)
+        except OSError:
+            return ""
+
+    def send(self, msg) -> None:
+        if self.dead:
+            raise EngineError(f"engine is dead: {self.dead}")
+        for conn in self.conns:
+            try:
+                conn.send(msg)
+            except (BrokenPipeError, OSError):
+                pass  # the process is gone; collect() reports it
+
+    def collect(self, what: str, timeout: float) -> list:
+        """Wait for one reply per process; raise with the cause if one errs, dies or hangs."""
+        deadline = time.monotonic() + timeout
+        replies: dict[int, tuple] = {}
+        while len(replies) < len(self.conns):
+            waiting = {self.conns[r]: r for r in range(len(self.conns)) if r not in replies}
+            sentinels = {self._sentinels[r]: r for r in waiting.values() if self._sentinels[r] is not None}
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._fail(f"no reply to {what} within {timeout:.0f} s from {self.name}(s) "
+                           f"{sorted(waiting.values())} (hung; raise --engine-timeout if this is a slow build)",
+                           sorted(waiting.values()))
+            ready = wait(list(waiting) + list(sentinels), timeout=min(left, 1.0 if sentinels else 0.2))
+            for obj in ready:
+                if obj in waiting:
+                    r = waiting[obj]
+                    try:
+                        msg = obj.recv()
+                    except (EOFError, OSError):
+                        continue  # the sentinel tells how it died
+                    if msg[0] == "error":
+                        _, kind, text, tb = msg
+                        self._fail(f"{self.name} {r} failed during {what}: {text}", [r], kind=kind, tb=tb)
+                    replies[r] = msg
+            for r in list(waiting.values()):
+                if r in replies or self.procs[r].poll() is None:
+                    continue
+                if self.conns[r].poll():  # a reply (or EOF) may still be readable
+                    try:
+                        replies[r] = self.conns[r].recv()
+                        if replies[r][0] != "error":
+                            continue
+                    except (EOFError, OSError):
+                        pass
+                code = self.procs[r].returncode
+                how = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0
+                       else f"exit code {code}")
+                self._fail(f"{self.name} {r} (pid {self.procs[r].pid}) died with {how} during {what}", [r])
+        return [replies[r] for r in range(len(self.conns))]
+
+    def _fail(self, why: str, which: list[int], kind: str = "error", tb: str | None = None):
+        logs = "\n".join(f"  {self.name} {r} log ({self.log(r)}):\n{self._log_tail(r)}" for r in which)
+        self.dead = why
+        self.close()
+        where = ""
+        if tb:  # the process's own traceback, last frames: where it failed
+            frames = [ln for ln in tb.splitlines() if ln.startswith("  File ")][-4:]
+            where = f"\n  {self.name} traceback (last frames):\n" + "\n".join("  " + f.strip() for f in frames)
+        msg = why + where + (f"\n{logs}" if logs.strip() else "")
+        if kind == "config":
+            raise ConfigError(why)
+        if kind == "mode":
+            raise ModeNotApplicable(why)
+        if kind == "oom":
+            raise EngineError(f"out of memory: {why}\n{logs}")
+        raise EngineError(msg)
+
+    def close(self) -> None:
+        """Stop every process: ask, wait briefly, then SIGTERM and SIGKILL. Safe to call twice."""
+        for conn in self.conns:
+            try:
+                conn.send(("stop",))
+            except (OSError, ValueError):
+                pass
+        deadline = time.monotonic() + self.stop_timeout
+        for p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.terminate()
+                try:
+                    p.wait(timeout=3)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait(timeout=10)
+        for fd in self._sentinels:
+            if fd is not None:
+                os.close(fd)
+        self._sentinels = []
+        for conn in self.conns:
+            conn.close()
+        self.conns = []
+        if not self.dead:
+            self.dead = "closed"
+        _LIVE.discard(self)
+
+
+# -- the child's side ----------------------------------------------------------------------------------
+def die_with_parent() -> None:
+    """Linux: get SIGKILL when the engine's owner dies, so no child outlives it (Ctrl-C, crash)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def connect(module: str) -> tuple[object, int, int, dict]:
+    """In a child started by EngineProcesses: arm the death signal, leave Ctrl-C to the parent (it
+    stops us in order), connect back, and return (connection, index, count, spec)."""
+    if len(sys.argv) != 4 or "LLM_BENCH_AUTHKEY" not in os.environ:
+        sys.exit(f"{module} is started by overlap.procs.EngineProcesses, not by hand")
+    die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    from multiprocessing.connection import Client
+
+    index, count, address = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    host, port = address.rsplit(":", 1)
+    conn = Client((host, int(port)), authkey=bytes.fromhex(os.environ.pop("LLM_BENCH_AUTHKEY")))
+    conn.send(index)
+    spec = conn.recv()
+    if os.getppid() != spec["parent_pid"]:
+        os._exit(1)  # the parent died before the death signal was armed
+    return conn, index, count, spec
+
+
+def report(conn, e: BaseException) -> None:
+    """Send an exception to the parent as ("error", kind, text, traceback); see EngineProcesses."""
+    kind = "error"
+    if isinstance(e, ModeNotApplicable):
+        kind = "mode"
+    elif isinstance(e, ConfigError):
+        kind = "config"
+    elif "out of memory" in str(e).lower():
+        kind = "oom"
+    try:
+        conn.send(("error", kind, f"{type(e).__name__}: {e}", traceback.format_exc()))
+    except (OSError, EOFError):
+        pass
