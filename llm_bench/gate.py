@@ -67,7 +67,8 @@ def check(bases: list[dict], cand: dict, rules: list[Rule], alpha: float) -> tup
             delta = rel(cv - bv)
             noise = rel(max(vals) - min(vals)) if len(vals) > 1 else 0.0
             thr = max(r.threshold, noise)
-            worse = delta > thr if r.higher_is_worse else delta < -thr
+            # At the threshold counts as worse: a 5% slowdown fails a 5% threshold (1e-9: float noise).
+            worse = delta >= thr - 1e-9 if r.higher_is_worse else delta <= -thr + 1e-9
             bs = [x for be in bes for x in (be.get(r.samples) or [])]
             cs = ce.get(r.samples) or []
             p = None

@@ -1,5 +1,6 @@
-"""The regression gate: an A/A of two real CPU runs passes; a significantly 10% slower candidate
-fails; a 10% change hidden in noise does not; bad files and different machines exit 2."""
+"""The regression gate: A/A of two real CPU runs and of two real H200 sessions pass; a significantly
+5% or 10% slower candidate fails; a 10% change hidden in noise does not; bad files and different
+machines exit 2."""
 import copy
 import io
 import json
@@ -19,10 +20,44 @@ def _run(tpot_rounds, fp="gpu-a", name="test_baseline[bs1]"):
                             "extra_info": {"tpot_ms_p50": float(np.median(t)), "tpot_ms_rounds": t}}]}
 
 
+def _slowed(run: dict, factor: float) -> dict:
+    """`run` made `factor` times slower in every gated metric and its per-round samples."""
+    for b in run["benchmarks"]:
+        e = b["extra_info"]
+        for key, f in (("tpot_ms", factor), ("ttft_ms", factor), ("tok_per_s", 1 / factor)):
+            e[key + "_rounds"] = [x * f for x in e[key + "_rounds"]]
+        e["tpot_ms_p50"] *= factor
+        e["ttft_ms_p50"] *= factor
+        e["tok_per_s"] /= factor
+    return run
+
+
 def test_ten_percent_slower_with_clean_samples_fails():
     rng = np.random.default_rng(0)
     base = 5.0 + rng.normal(0, 0.02, 10)
     assert gate(_run(base), _run(base * 1.10), DEFAULT_RULES, out=io.StringIO()) == 1
+
+
+def test_injected_five_percent_slowdown_fails_the_default_five_percent_threshold():
+    rng = np.random.default_rng(3)
+    base = 5.0 + rng.normal(0, 0.02, 10)
+    assert gate(_run(base), _run(base * 1.05), DEFAULT_RULES, out=io.StringIO()) == 1
+    assert gate(_run(base), _run(base * 1.04), DEFAULT_RULES, out=io.StringIO()) == 0
+
+
+GPU_RUNS = ROOT / ".benchmarks" / "gpu" / "H200x2"
+
+
+def test_real_h200_sessions_a_a_passes_and_real_slowdowns_fail(tmp_path):
+    """Stored H200 runs (llama3-8b TP=1 bs1, 10 rounds): two sessions of one commit pass; the same
+    commit with CUDA graphs off fails; the first session with a 5% slowdown injected into every
+    gated metric and sample fails."""
+    a1, a2, slow = (str(GPU_RUNS / f"20261126-llama3-8b-gate-prefill-graph-{n}.json") for n in ("a1", "a2", "slow"))
+    assert main(["gate", "--baseline", a1, "--candidate", a2]) == 0
+    assert main(["gate", "--baseline", a1, "--candidate", slow]) == 1
+    injected = tmp_path / "a1-plus-5pct.json"
+    injected.write_text(json.dumps(_slowed(json.loads(open(a1).read()), 1.05)))
+    assert main(["gate", "--baseline", a1, "--candidate", str(injected)]) == 1
 
 
 def test_ten_percent_change_inside_noise_passes():
@@ -104,15 +139,7 @@ def test_gate_baseline_pytest_option(tmp_path):
     assert run_pytest(*common, f"--benchmark-json={base}").returncode == 0
 
     def scaled(factor, name):
-        d = json.loads(base.read_text())
-        for b in d["benchmarks"]:  # every gated metric moves together: the whole run is `factor` x slower
-            e = b["extra_info"]
-            for key, f in (("tpot_ms", factor), ("ttft_ms", factor), ("tok_per_s", 1 / factor)):
-                e[key + "_rounds"] = [x * f for x in e[key + "_rounds"]]
-            e["tpot_ms_p50"] *= factor
-            e["ttft_ms_p50"] *= factor
-            e["tok_per_s"] /= factor
-        (tmp_path / name).write_text(json.dumps(d))
+        (tmp_path / name).write_text(json.dumps(_slowed(json.loads(base.read_text()), factor)))
         return tmp_path / name
     r = run_pytest(*common, "--gate-baseline", scaled(3.0, "slow.json"))
     assert r.returncode == 0 and "parallel-llm-bench gate" in r.stdout, r.stdout[-2000:]
