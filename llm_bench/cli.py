@@ -8,11 +8,12 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="llm-bench", description=__doc__)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    from . import compare, gate, report
+    from . import compare, gate, report, trace
 
     compare.add_parser(sub)
     gate.add_parser(sub)
     report.add_parser(sub)
+    trace.add_parser(sub)
     a = ap.parse_args(argv)
     return a.func(a)
 

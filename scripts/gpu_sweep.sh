@@ -46,6 +46,7 @@ for stage in "$@"; do
         --model llama3-8b --tp-sizes 1 2 --batch-sizes 1 --overlap-modes none double_buffer --num-runs 5 \
         --warmup-runs 2 --enable-trace --profile-communication --results-dir $R --benchmark-json $OUT/trace-run.json
       $PY -m llm_bench.cli report $OUT/trace-run.json --out $R/report
+      $PY -m llm_bench.cli trace $R/traces/test_*.json | tee $OUT/trace-summary.txt
       tar -czf $OUT/report-and-traces.tar.gz -C $R report traces ;;
   esac
 done

@@ -1,5 +1,5 @@
-"""Traces are valid Chrome trace JSON, the report draws every plot from a stored CPU run, and the
-profiling script's basic mode runs on CPU without NVML and says so."""
+"""Traces are valid Chrome trace JSON and `llm-bench trace` reads them, the report draws every plot
+from a stored CPU run, and the profiling script's basic mode runs on CPU without NVML and says so."""
 import json
 import shutil
 import subprocess
@@ -41,6 +41,22 @@ def test_trace_is_valid_chrome_trace(cpu_run):
         assert steps == sorted(steps)  # monotonic on every track
     begins = sum(e["ph"] == "B" for e in events)
     assert begins == sum(e["ph"] == "E" for e in events)
+
+
+def test_trace_command_reads_steps_ranks_and_comm_share(cpu_run, tmp_path, capsys):
+    path = str(cpu_run / "res" / "traces" / "test_tensor_parallel_tp2-bs2.json")
+    assert main(["trace", path, "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)[path]
+    assert s["rounds"] == 2 and set(s["rank_step_ms_p50"]) == {"rank 0", "rank 1"}
+    assert 0 < s["comm_free_step_ms_p50"] < s["decode_step_ms_p50"] and 0 < s["comm_share"] < 1
+    assert s["rank_skew_us_max"] >= s["rank_skew_us_p50"] >= 0
+    assert main(["trace", path]) == 0 and "comm share:" in capsys.readouterr().out
+    (tmp_path / "bad.json").write_text("{")
+    (tmp_path / "array.json").write_text('[{"name": "prefill (0)", "ph": "B", "ts": 1, "pid": 1, "tid": 0}]')
+    for name, why in (("bad.json", "cannot read trace"), ("array.json", "not a parallel-llm-bench trace")):
+        assert main(["trace", str(tmp_path / name)]) == 2
+        err = capsys.readouterr().err
+        assert name in err and why in err
 
 
 def test_report_draws_every_plot(cpu_run, tmp_path):

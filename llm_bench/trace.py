@@ -1,0 +1,97 @@
+"""`llm-bench trace TRACE.json...`: what a `--enable-trace` file says, in numbers: queue, prefill and
+decode-step times of the requests; each rank's step time and how far apart the ranks finish a step
+(skew: a slow or late rank stalls every all-reduce); the comm-free variant's step and the
+communication share it implies; NVML utilisation and power per GPU. The same reading one would do by
+eye in Perfetto, for every trace of a run at once."""
+from __future__ import annotations
+
+import json
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+from fixtures.trace import PID_CF, PID_GPU, PID_RANKS, PID_REQ
+
+from .storage import DataError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("trace", help="summarise --enable-trace files: step times, rank skew, comm share, GPUs")
+    p.add_argument("traces", nargs="+", help="trace JSON files (results/traces/*.json)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=run)
+
+
+def _load(path: str) -> list[dict]:
+    try:
+        with open(path) as f:
+            d = json.load(f)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot read trace ({e})") from e
+    if not isinstance(d, dict) or not isinstance(d.get("traceEvents"), list):
+        raise DataError(f"{path}: not a parallel-llm-bench trace (no traceEvents object; MLC's own trace "
+                        "and --torch-profile files open in https://ui.perfetto.dev)")
+    return d["traceEvents"]
+
+
+def _ms(values: list[float], q: float) -> float | None:
+    return float(np.percentile(values, q)) / 1e3 if values else None
+
+
+def summarize(events: list[dict]) -> dict:
+    spans: dict[tuple, list[float]] = defaultdict(list)
+    rank_steps: dict[int, list[float]] = defaultdict(list)
+    ends: dict[tuple, list[float]] = defaultdict(list)
+    gpus: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in (PID_REQ, PID_CF):
+            spans[(e["pid"], e["name"])].append(float(e["dur"]))
+        elif e.get("ph") == "X" and e.get("pid") == PID_RANKS:
+            rank_steps[e["tid"] - 1].append(float(e["dur"]))
+            a = e.get("args") or {}
+            ends[(a.get("round"), a.get("step"))].append(float(e["ts"]) + float(e["dur"]))
+        elif e.get("ph") == "C" and e.get("pid") == PID_GPU:
+            for k, v in (e.get("args") or {}).items():
+                gpus[e["name"]][k].append(float(v))
+    decode, cf = spans[(PID_REQ, "decode")], spans[(PID_CF, "decode")]
+    out = {"rounds": len(spans[(PID_REQ, "batch")]), "queue_ms_p50": _ms(spans[(PID_REQ, "queue")], 50),
+           "prefill_ms_p50": _ms(spans[(PID_REQ, "prefill")], 50), "decode_step_ms_p50": _ms(decode, 50),
+           "decode_step_ms_p99": _ms(decode, 99), "comm_free_step_ms_p50": _ms(cf, 50)}
+    if decode and cf:
+        out["comm_share"] = 1 - float(np.median(cf)) / float(np.median(decode))
+    out["rank_step_ms_p50"] = {f"rank {r}": _ms(v, 50) for r, v in sorted(rank_steps.items())}
+    skews = [max(v) - min(v) for v in ends.values() if len(v) > 1]
+    if skews:
+        out["rank_skew_us_p50"], out["rank_skew_us_max"] = float(np.median(skews)), float(max(skews))
+    out["gpus"] = {g: {f"{k}_mean": float(np.mean(v)) for k, v in sorted(d.items())} for g, d in sorted(gpus.items())}
+    return out
+
+
+def _text(path: str, s: dict) -> str:
+    lines = [path]
+    for k, v in s.items():
+        if isinstance(v, dict):
+            for kk, vv in v.items():
+                shown = ", ".join(f"{a} {b:.1f}" for a, b in vv.items()) if isinstance(vv, dict) else f"{vv:.3f}"
+                lines.append(f"  {k.replace('_', ' ')}: {kk}: {shown}")
+        elif v is None:
+            continue
+        elif k == "comm_share":
+            lines.append(f"  comm share: {v:.1%}")
+        else:
+            lines.append(f"  {k.replace('_', ' ')}: {v:.3f}" if isinstance(v, float) else f"  {k}: {v}")
+    return "\n".join(lines)
+
+
+def run(a) -> int:
+    try:
+        result = {p: summarize(_load(p)) for p in a.traces}
+    except DataError as e:
+        print(f"llm-bench trace: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print("\n".join(_text(p, s) for p, s in result.items()))
+    return 0
