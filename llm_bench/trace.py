@@ -23,16 +23,24 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+class NotOurs(DataError):
+    """A readable trace that --enable-trace did not write (MLC's, torch.profiler's)."""
+
+
 def _load(path: str) -> list[dict]:
     try:
         with open(path) as f:
             d = json.load(f)
     except (OSError, ValueError) as e:
         raise DataError(f"{path}: cannot read trace ({e})") from e
-    if not isinstance(d, dict) or not isinstance(d.get("traceEvents"), list):
-        raise DataError(f"{path}: not a parallel-llm-bench trace (no traceEvents object; MLC's own trace "
-                        "and --torch-profile files open in https://ui.perfetto.dev)")
-    return d["traceEvents"]
+    events = d.get("traceEvents") if isinstance(d, dict) else None
+    ours = isinstance(events, list) and any(
+        e.get("ph") == "M" and e.get("pid") == PID_REQ and (e.get("args") or {}).get("name") == "requests"
+        for e in events if isinstance(e, dict))
+    if not ours:
+        raise NotOurs(f"{path}: not a parallel-llm-bench trace, skipped (MLC's own and --torch-profile traces "
+                      "open in https://ui.perfetto.dev)")
+    return events
 
 
 def _ms(values: list[float], q: float) -> float | None:
@@ -85,10 +93,17 @@ def _text(path: str, s: dict) -> str:
 
 
 def run(a) -> int:
-    try:
-        result = {p: summarize(_load(p)) for p in a.traces}
-    except DataError as e:
-        print(f"llm-bench trace: {e}", file=sys.stderr)
+    result = {}
+    for p in a.traces:  # a glob over results/traces/ also meets other tools' traces: skip those
+        try:
+            result[p] = summarize(_load(p))
+        except NotOurs as e:
+            print(f"llm-bench trace: {e}", file=sys.stderr)
+        except DataError as e:
+            print(f"llm-bench trace: {e}", file=sys.stderr)
+            return 2
+    if not result:
+        print("llm-bench trace: no parallel-llm-bench trace among the files given", file=sys.stderr)
         return 2
     if a.json:
         print(json.dumps(result, indent=1))

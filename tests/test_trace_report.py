@@ -57,6 +57,8 @@ def test_trace_command_reads_steps_ranks_and_comm_share(cpu_run, tmp_path, capsy
         assert main(["trace", str(tmp_path / name)]) == 2
         err = capsys.readouterr().err
         assert name in err and why in err
+    assert main(["trace", path, str(tmp_path / "array.json")]) == 0  # another tool's trace is skipped
+    assert "array.json: not a parallel-llm-bench trace, skipped" in capsys.readouterr().err
 
 
 def test_report_draws_every_plot(cpu_run, tmp_path):
