@@ -41,6 +41,51 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
+def attn_block(x, norm_w, wqkv, wo, kc, vc, cos, sin, pos, mask, n_heads: int, n_kv: int, hd: int,
+               eps: float) -> torch.Tensor:
+    """One rank's attention sublayer up to its row-parallel o_proj: the partial sum before the
+    all-reduce. Writes this step's K/V into the cache views `kc`, `vc`.
+
+    GQA without copying K/V: the G query heads that share a KV head are folded into the query
+    length ([B, Hkv, G*S, D]) so one plain attention call reads each cached K/V once."""
+    B, S, _ = x.shape
+    h = F.rms_norm(x, (x.shape[-1],), norm_w, eps)
+    qkv = h @ wqkv.t()
+    nq, nk = n_heads * hd, n_kv * hd
+    qk = qkv[..., :nq + nk].view(B, S, n_heads + n_kv, hd)
+    qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k in one pass
+    q = qk[:, :, :n_heads].transpose(1, 2)
+    k = qk[:, :, n_heads:].transpose(1, 2)
+    v = qkv[..., nq + nk:].view(B, S, n_kv, hd).transpose(1, 2)
+    kc[:, :, pos] = k
+    vc[:, :, pos] = v
+    qf = q.reshape(B, n_kv, (n_heads // n_kv) * S, hd)
+    y = F.scaled_dot_product_attention(qf, kc, vc, attn_mask=mask)
+    return y.view(B, n_heads, S, hd).transpose(1, 2).reshape(B, S, nq) @ wo.t()
+
+
+def mlp_block(x, norm_w, w13, w2, inter: int, eps: float) -> torch.Tensor:
+    """One rank's SwiGLU MLP up to its row-parallel down projection (partial sum, before the all-reduce)."""
+    h = F.rms_norm(x, (x.shape[-1],), norm_w, eps)
+    g, u = (h @ w13.t()).split(inter, dim=-1)
+    return (F.silu(g) * u) @ w2.t()
+
+
+def compiled_blocks():
+    """`attn_block` and `mlp_block` under torch.compile (--compile): whole-graph, static shapes. The
+    weights are arguments, so all layers share one compiled kernel set per (batch, length) shape;
+    collectives stay outside (they run between the blocks), and the decode-step CUDA graph captures
+    the compiled kernels like any others."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):  # one entry per shape: batches, prompt lengths
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 64))
+    return (torch.compile(attn_block, fullgraph=True, dynamic=False),
+            torch.compile(mlp_block, fullgraph=True, dynamic=False))
+
+
 class WeightSource:
     """Full-size weights by Hugging Face name, either from safetensors or seeded random numbers.
 
@@ -121,7 +166,7 @@ class TPLlama:
     forward pass short and graph-capturable."""
 
     def __init__(self, cfg: ModelConfig, comm: Comm, streams: StreamManager, *, max_batch: int,
-                 max_seq: int, seed: int = 0, dtype: torch.dtype = torch.float32):
+                 max_seq: int, seed: int = 0, dtype: torch.dtype = torch.float32, compile: bool = False):
         cfg.check_tp(comm.world)
         self.cfg, self.comm, self.streams = cfg, comm, streams
         self.rank, self.world, self.device, self.dtype = comm.rank, comm.world, comm.device, dtype
@@ -156,6 +201,7 @@ class TPLlama:
         ang = torch.cat([ang, ang], dim=-1)
         self.cos, self.sin = ang.cos().to(dtype), ang.sin().to(dtype)
         self.key_pos = torch.arange(max_seq, device=self.device)
+        self.attn_fn, self.mlp_fn = compiled_blocks() if compile else (attn_block, mlp_block)
 
     # -- sizes for bandwidth accounting --------------------------------------------------------------
     def weight_bytes_per_step(self) -> int:
@@ -169,29 +215,6 @@ class TPLlama:
         return 2 * self.cfg.num_layers * self.n_kv * self.hd * self.dtype.itemsize
 
     # -- the forward pass ----------------------------------------------------------------------------
-    def _attn_partial(self, L: Layer, x: torch.Tensor, rope, b0: int, b1: int) -> torch.Tensor:
-        """Attention of one rank's heads; returns the partial o_proj output (before the all-reduce).
-
-        GQA without copying K/V: the G query heads that share a KV head are folded into the query
-        length ([B, Hkv, G*S, D]) so one plain attention call reads each cached K/V once."""
-        B, S, _ = x.shape
-        cos, sin, pos, mask = rope
-        h = F.rms_norm(x, (x.shape[-1],), L.attn_norm, self.cfg.rms_norm_eps)
-        qkv = h @ L.wqkv.t()
-        nq, nk = self.n_heads * self.hd, self.n_kv * self.hd
-        qk = qkv[..., :nq + nk].view(B, S, self.n_heads + self.n_kv, self.hd)
-        qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k in one pass
-        q = qk[:, :, :self.n_heads].transpose(1, 2)
-        k = qk[:, :, self.n_heads:].transpose(1, 2)
-        v = qkv[..., nq + nk:].view(B, S, self.n_kv, self.hd).transpose(1, 2)
-        kc, vc = L.k_cache[b0:b1], L.v_cache[b0:b1]
-        kc[:, :, pos] = k
-        vc[:, :, pos] = v
-        g = self.n_heads // self.n_kv
-        qf = q.reshape(B, self.n_kv, g * S, self.hd)
-        y = F.scaled_dot_product_attention(qf, kc, vc, attn_mask=mask)
-        return y.view(B, self.n_heads, S, self.hd).transpose(1, 2).reshape(B, S, nq) @ L.wo.t()
-
     def _rope_and_mask(self, pos: torch.Tensor):
         """Per forward pass, not per layer: RoPE tables at `pos` and the causal mask over the static
         cache, repeated for the folded GQA query heads."""
@@ -199,10 +222,13 @@ class TPLlama:
         mask = self.key_pos[None, :] <= pos[:, None]  # [S, max_seq]
         return cos, sin, pos, mask.repeat(self.n_heads // self.n_kv, 1)
 
-    def _mlp_partial(self, L: Layer, x: torch.Tensor) -> torch.Tensor:
-        h = F.rms_norm(x, (x.shape[-1],), L.ffn_norm, self.cfg.rms_norm_eps)
-        g, u = (h @ L.w13.t()).split(self.inter, dim=-1)
-        return (F.silu(g) * u) @ L.w2.t()
+    def _attn(self, L: Layer, x: torch.Tensor, rope, b0: int, b1: int) -> torch.Tensor:
+        cos, sin, pos, mask = rope
+        return self.attn_fn(x, L.attn_norm, L.wqkv, L.wo, L.k_cache[b0:b1], L.v_cache[b0:b1], cos, sin, pos, mask,
+                            self.n_heads, self.n_kv, self.hd, self.cfg.rms_norm_eps)
+
+    def _mlp(self, L: Layer, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp_fn(x, L.ffn_norm, L.w13, L.w2, self.inter, self.cfg.rms_norm_eps)
 
     def _next_weight(self, li: int, sub: int) -> torch.Tensor | None:
         """The weight the GEMM right after sublayer `sub` (0 attn, 1 mlp) of layer `li` reads."""
@@ -224,7 +250,7 @@ class TPLlama:
                 for ci, (b0, b1, _, _) in enumerate(chunks):
                     sm.wait(pending[ci])
                     x = xs[ci]
-                    part = self._attn_partial(L, x, ropes[ci], b0, b1) if sub == 0 else self._mlp_partial(L, x)
+                    part = self._attn(L, x, ropes[ci], b0, b1) if sub == 0 else self._mlp(L, x)
                     nxt = self._next_weight(li, sub)
                     if len(chunks) == 1:
                         sm.prefetch(nxt)

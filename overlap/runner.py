@@ -25,7 +25,7 @@ class Runner:
         self.comm = Comm(rank, world, device, dtype, spec["allreduce"])
         self.sm = StreamManager(device, spec["overlap"], spec["num_streams"], spec.get("prefetch_bytes"))
         self.model = TPLlama(cfg, self.comm, self.sm, max_batch=spec["max_batch"], max_seq=spec["max_seq"],
-                             seed=spec["seed"], dtype=dtype)
+                             seed=spec["seed"], dtype=dtype, compile=spec.get("compile", False))
         self.cuda = device.type == "cuda"
         self.use_graphs = self.cuda and spec["cuda_graphs"]
         self.graphs: dict = {}
@@ -46,7 +46,7 @@ class Runner:
             "rank": self.rank, "device": str(self.device), "dtype": str(m.dtype).replace("torch.", ""),
             "allreduce": self.comm.backend, "symm_error": self.comm.symm_error,
             "weight_bytes_per_step": m.weight_bytes_per_step(), "kv_bytes_per_token": m.kv_bytes_per_token(),
-            "copy_bw_bytes_per_s": self.copy_bw, "cuda_graphs": self.use_graphs,
+            "copy_bw_bytes_per_s": self.copy_bw, "cuda_graphs": self.use_graphs, "compiled": bool(self.spec.get("compile")),
             "torch": torch.__version__, "streams_created": StreamManager.created,
             "timestamp_ns": self.timestamp_ns, "vocab_size": m.cfg.vocab_size,
         }

@@ -3,6 +3,7 @@ LlamaForCausalLM on the same weights, and TP=2/4 over gloo give TP=1's tokens an
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -70,6 +71,20 @@ def test_tp_matches_tp1(engine_factory, tp):
     assert many.generate(prompts, 16).tokens == one.generate(prompts, 16).tokens
     one.close()
     many.close()
+
+
+@pytest.mark.skipif(shutil.which("g++") is None and shutil.which("clang++") is None,
+                    reason="torch.compile on CPU needs a C++ compiler (g++ or clang++)")
+def test_compiled_blocks_give_the_eager_tokens_and_logits(engine_factory):
+    """--compile (torch.compile of the attention and MLP blocks, TP=2 over gloo): the same function."""
+    prompts = random_prompts(2, 6, PRESETS["tiny"].vocab_size, 2)
+    eager = engine_factory(tp=2, seed=SEED, batch_sizes=(2,), max_seq=12)
+    compiled = engine_factory(tp=2, seed=SEED, batch_sizes=(2,), max_seq=12, compile=True)
+    assert compiled.describe()["compiled"] and not eager.describe()["compiled"]
+    assert compiled.generate(prompts, 6).tokens == eager.generate(prompts, 6).tokens
+    np.testing.assert_allclose(compiled.logits(prompts), eager.logits(prompts), atol=LOGIT_ATOL, rtol=0)
+    eager.close()
+    compiled.close()
 
 
 def test_checkpoint_directory_loads_and_shards(engine_factory, tiny_state, tmp_path):
