@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batch of GPU work for the device machine: smoke checks, then benchmark sweeps, results under
-# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline tp overlap overlap70 tp70 peer
+# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline compile tp overlap overlap70 tp70 peer
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -25,6 +25,9 @@ for stage in "$@"; do
       done
       $PY -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider ;;
     baseline) $B -m baseline --model llama3-8b --batch-sizes 1 16 --benchmark-json $OUT/baseline-8b.json ;;
+    compile)  # the same baseline with the blocks under torch.compile, then both side by side
+      $B -m baseline --model llama3-8b --batch-sizes 1 16 --compile --benchmark-json $OUT/baseline-8b-compile.json
+      $PY -m llm_bench.cli compare $OUT/baseline-8b.json $OUT/baseline-8b-compile.json ;;
     tp) $B -m tensor_parallel --model llama3-8b --tp-sizes $TPS --batch-sizes 1 16 --profile-communication \
           --benchmark-json $OUT/tp-8b.json ;;
     overlap) $B -m overlap --model llama3-8b --tp-sizes ${OVERLAP_TPS:-4} --batch-sizes 1 16 64 \
