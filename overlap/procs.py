@@ -154,6 +154,10 @@ class EngineProcesses:
                         continue  # the sentinel tells how it died
                     if msg[0] == "error":
                         _, kind, text, tb = msg
+                        killed = self._killed_peer(r) if kind == "error" else None
+                        if killed is not None:  # the peer's death is the cause; r's error is its echo
+                            self._fail(f"{self._death(killed)} during {what} (then {self.name} {r} failed: "
+                                       f"{text.splitlines()[0][:200]})", [killed, r])
                         self._fail(f"{self.name} {r} failed during {what}: {text}", [r], kind=kind, tb=tb)
                     replies[r] = msg
             for r in list(waiting.values()):
@@ -166,11 +170,27 @@ class EngineProcesses:
                             continue
                     except (EOFError, OSError):
                         pass
-                code = self.procs[r].returncode
-                how = (f"signal {signal.Signals(-code).name}" if code is not None and code < 0
-                       else f"exit code {code}")
-                self._fail(f"{self.name} {r} (pid {self.procs[r].pid}) died with {how} during {what}", [r])
+                self._fail(f"{self._death(r)} during {what}", [r])
         return [replies[r] for r in range(len(self.conns))]
+
+    def _death(self, r: int) -> str:
+        code = self.procs[r].returncode
+        how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        return f"{self.name} {r} (pid {self.procs[r].pid}) died with {how}"
+
+    def _killed_peer(self, r: int, grace: float = 1.0) -> int | None:
+        """A process other than `r` killed by a signal (now or within `grace` s): when one rank is
+        killed, its peers' collectives fail at once (gloo: connection reset), often before the kill
+        is seen; the report should name the killed one. A peer that exits with a code after its own
+        error report is not a cause."""
+        deadline = time.monotonic() + grace
+        while True:
+            for q, p in enumerate(self.procs):
+                if q != r and p.poll() is not None and p.returncode < 0:
+                    return q
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.05)
 
     def _fail(self, why: str, which: list[int], kind: str = "error", tb: str | None = None):
         logs = "\n".join(f"  {self.name} {r} log ({self.log(r)}):\n{self._log_tail(r)}" for r in which)
