@@ -189,7 +189,7 @@ class TPEngine:
         return {
             "engine": self.name, "model": c.model, "tp": c.tp, "device": c.device, "overlap": c.overlap,
             "dtype": r0["dtype"], "allreduce": r0["allreduce"], "allreduce_requested": c.allreduce,
-            "symm_error": r0["symm_error"], "cuda_graphs": r0["cuda_graphs"], "compiled": r0["compiled"], "num_streams": c.num_streams,
+            "symm_error": r0["symm_error"], "cuda_graphs": r0["cuda_graphs"], "compiled": r0["compiled"], "prefetch_bytes": r0["prefetch_bytes"], "num_streams": c.num_streams,
             "weight_bytes_per_step": r0["weight_bytes_per_step"], "kv_bytes_per_token": r0["kv_bytes_per_token"],
             "copy_bw_bytes_per_s": [r["copy_bw_bytes_per_s"] for r in self.ranks],
             "gpu_names": [r.get("gpu_name") for r in self.ranks if r.get("gpu_name")],

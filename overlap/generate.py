@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overlap", choices=MODES, default="none")
     ap.add_argument("--allreduce", choices=ALLREDUCE_CHOICES, default="auto")
     ap.add_argument("--num-streams", type=int, default=2)
+    ap.add_argument("--prefetch-mb", type=float, help="L2 prefetch per all-reduce (prefetch/full; default half of L2)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the attention/MLP blocks")
     a = ap.parse_args(argv)
@@ -41,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         vocab = resolve_model(a.model).vocab_size
         cfg = EngineConfig(model=a.model, tp=a.tp, device=a.device, overlap=a.overlap, allreduce=a.allreduce,
                            batch_sizes=(a.batch_size,), max_seq=a.prompt_len + a.max_tokens, seed=a.seed,
-                           num_streams=a.num_streams, cuda_graphs=not a.no_cuda_graphs, compile=a.compile)
+                           num_streams=a.num_streams, cuda_graphs=not a.no_cuda_graphs, compile=a.compile,
+                           prefetch_bytes=None if a.prefetch_mb is None else int(a.prefetch_mb * 2**20))
         with TPEngine(cfg) as eng:
             eng.check(a.batch_size, a.prompt_len, a.max_tokens)
             g = eng.generate(random_prompts(a.batch_size, a.prompt_len, vocab, a.seed), a.max_tokens)

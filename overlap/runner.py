@@ -47,6 +47,7 @@ class Runner:
             "allreduce": self.comm.backend, "symm_error": self.comm.symm_error,
             "weight_bytes_per_step": m.weight_bytes_per_step(), "kv_bytes_per_token": m.kv_bytes_per_token(),
             "copy_bw_bytes_per_s": self.copy_bw, "cuda_graphs": self.use_graphs, "compiled": bool(self.spec.get("compile")),
+            "prefetch_bytes": self.sm.prefetch_bytes if self.sm.prefetch_stream is not None else 0,
             "torch": torch.__version__, "streams_created": StreamManager.created,
             "timestamp_ns": self.timestamp_ns, "vocab_size": m.cfg.vocab_size,
         }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batch of GPU work for the device machine: smoke checks, then benchmark sweeps, results under
-# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline compile tp overlap overlap70 tp70 peer
+# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline compile prefetch tp overlap overlap70 tp70 peer
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -28,6 +28,11 @@ for stage in "$@"; do
     compile)  # the same baseline with the blocks under torch.compile, then both side by side
       $B -m baseline --model llama3-8b --batch-sizes 1 16 --compile --benchmark-json $OUT/baseline-8b-compile.json
       $PY -m llm_bench.cli compare $OUT/baseline-8b.json $OUT/baseline-8b-compile.json ;;
+    prefetch)  # how much of the next weight to pull into L2 per all-reduce (default half of L2 lost 5-6%)
+      for mb in ${PREFETCH_MB:-2 4 8 16}; do
+        $B -m overlap --model llama3-8b --tp-sizes ${OVERLAP_TPS:-2} --batch-sizes 1 --overlap-modes none prefetch \
+          --prefetch-mb $mb --profile-communication --num-runs 5 --warmup-runs 2 --benchmark-json $OUT/prefetch-${mb}mb.json
+      done ;;
     tp) $B -m tensor_parallel --model llama3-8b --tp-sizes $TPS --batch-sizes 1 16 --profile-communication \
           --benchmark-json $OUT/tp-8b.json ;;
     overlap) $B -m overlap --model llama3-8b --tp-sizes ${OVERLAP_TPS:-4} --batch-sizes 1 16 64 \
