@@ -188,9 +188,12 @@ class EngineProcesses:
             for q, p in enumerate(self.procs):
                 if q != r and p.poll() is not None and p.returncode < 0:
                     return q
-            if time.monotonic() >= deadline:
+            left = deadline - time.monotonic()
+            running = [fd for q, fd in enumerate(self._sentinels) if q != r and fd is not None
+                       and self.procs[q].returncode is None]
+            if left <= 0 or not running:
                 return None
-            time.sleep(0.05)
+            wait(running, timeout=left)  # wakes when a peer exits (pidfd), not on a timer
 
     def _fail(self, why: str, which: list[int], kind: str = "error", tb: str | None = None):
         logs = "\n".join(f"  {self.name} {r} log ({self.log(r)}):\n{self._log_tail(r)}" for r in which)
