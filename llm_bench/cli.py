@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .storage import DataError
+
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="llm-bench", description=__doc__)
@@ -15,7 +17,11 @@ def main(argv: list[str] | None = None) -> int:
     report.add_parser(sub)
     trace.add_parser(sub)
     a = ap.parse_args(argv)
-    return a.func(a)
+    try:
+        return a.func(a)
+    except DataError as e:  # every subcommand: bad input is exit 2 with the cause, never a traceback
+        print(f"llm-bench {a.cmd}: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

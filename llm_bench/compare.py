@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import csv
 import json
-import sys
 
-from .storage import DataError, fingerprint, load_runs
+from .storage import fingerprint, load_runs
 
 DEFAULT_COLUMNS = ["ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "tpot_ms_p50", "tok_per_s", "mbu",
                    "scaling_efficiency", "comm_share", "overlap_gain"]
@@ -42,11 +41,7 @@ def rows_for(runs: list[dict], columns: list[str], group_by: list[str]) -> list[
 
 
 def run(a) -> int:
-    try:
-        runs = load_runs(a.runs, a.storage)
-    except DataError as e:
-        print(f"llm-bench compare: {e}", file=sys.stderr)
-        return 2
+    runs = load_runs(a.runs, a.storage)
     columns = [c for c in a.columns.split(",") if c]
     group_by = [g for g in (a.group_by or "").split(",") if g]
     rows = rows_for(runs, columns, group_by)

@@ -39,12 +39,17 @@ KNOWN = {r.metric: r for r in DEFAULT_RULES}
 def parse_rule(text: str) -> Rule:
     """NAME:THRESHOLD, e.g. tpot_ms_p50:5% or scaling_efficiency:0.03 (absolute)."""
     name, _, thr = text.partition(":")
+    usage = f"--metric {text!r}: expected NAME:THRESHOLD (e.g. tpot_ms_p50:5%)"
     if not thr:
-        raise ValueError(f"--metric {text!r}: expected NAME:THRESHOLD (e.g. tpot_ms_p50:5%)")
+        raise DataError(usage)
     base = KNOWN.get(name, Rule(name, 0, not name.startswith("tok_per_s"), f"{name.rsplit('_p', 1)[0]}_rounds"))
+    try:
+        value = float(thr.removesuffix("%"))
+    except ValueError:
+        raise DataError(usage) from None
     if thr.endswith("%"):
-        return Rule(name, float(thr[:-1]) / 100, base.higher_is_worse, base.samples)
-    return Rule(name, float(thr), base.higher_is_worse, base.samples, absolute=True)
+        return Rule(name, value / 100, base.higher_is_worse, base.samples)
+    return Rule(name, value, base.higher_is_worse, base.samples, absolute=True)
 
 
 def check(bases: list[dict], cand: dict, rules: list[Rule], alpha: float) -> tuple[list[dict], list[str]]:
@@ -110,13 +115,9 @@ def add_parser(sub) -> None:
 
 
 def run(a) -> int:
-    try:
-        rules = [parse_rule(m) for m in a.metric] or DEFAULT_RULES
-        base = load_runs(a.baseline, a.storage)
-        cand = load_runs([a.candidate] if a.candidate else [], a.storage)[0]
-    except (DataError, ValueError) as e:
-        print(f"llm-bench gate: {e}", file=sys.stderr)
-        return 2
+    rules = [parse_rule(m) for m in a.metric] or DEFAULT_RULES
+    base = load_runs(a.baseline, a.storage)
+    cand = load_runs([a.candidate] if a.candidate else [], a.storage)[0]
     return gate(base, cand, rules, a.alpha, a.allow_different_machines)
 
 

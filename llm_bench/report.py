@@ -4,10 +4,9 @@ and batch, and one request's per-token latency timeline."""
 from __future__ import annotations
 
 import os
-import sys
 from collections import defaultdict
 
-from .storage import DataError, load_runs
+from .storage import load_runs
 
 TABLE = [("TTFT p50 ms", "ttft_ms_p50", "{:.2f}"), ("ITL p50 ms", "itl_ms_p50", "{:.3f}"),
          ("ITL p99 ms", "itl_ms_p99", "{:.3f}"), ("TPOT ms", "tpot_ms_p50", "{:.3f}"), ("tok/s", "tok_per_s", "{:.1f}"),
@@ -174,11 +173,6 @@ def make_report(runs: list[dict], out: str) -> list[str]:
 
 
 def run(a) -> int:
-    try:
-        runs = load_runs(a.runs, a.storage)
-    except DataError as e:
-        print(f"llm-bench report: {e}", file=sys.stderr)
-        return 2
-    made = make_report(runs, a.out)
+    made = make_report(load_runs(a.runs, a.storage), a.out)
     print(f"wrote {len(made)} plots and index.md to {a.out}: {', '.join(made)}")
     return 0

@@ -8,7 +8,8 @@ import os
 
 
 class DataError(Exception):
-    """A missing, unreadable or corrupt stored run (exit code 2), naming the file."""
+    """A missing, unreadable or corrupt input file, naming it, or a malformed argument: `llm-bench`
+    prints it and exits 2 (cli.main)."""
 
 
 def find_runs(specs: list[str], storage: str = ".benchmarks") -> list[str]:
