@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 
+from fixtures.results import align
+
 from .storage import fingerprint, load_runs
 
 DEFAULT_COLUMNS = ["ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "tpot_ms_p50", "tok_per_s", "mbu",
@@ -70,7 +72,5 @@ def run(a) -> int:
                 cell += f" ({r[c + '_change']:+.1%})"
             cells.append(cell)
         table.append(cells)
-    w = [max(len(t[i]) for t in table) for i in range(len(head))]
-    for t in table:
-        print("  ".join(x.ljust(w[i]) for i, x in enumerate(t)))
+    print("\n".join(align(table, text_columns=len(head))))  # numbers carry their % change: left-aligned
     return 0

@@ -110,8 +110,9 @@ def plot_overlap(plt, rows, path) -> bool:
     es = [r["extra_info"] for r in rows if "overlap_gain" in r["extra_info"]]
     if not es:
         return False
-    modes = sorted({e["overlap"] for e in es}, key=lambda m: ["none", "prefetch", "pipeline", "double_buffer", "full"].index(m)
-                   if m in ["none", "prefetch", "pipeline", "double_buffer", "full"] else 9)
+    from overlap.streams import MODES
+
+    modes = sorted({e["overlap"] for e in es}, key=lambda m: MODES.index(m) if m in MODES else len(MODES))
     cfgs = sorted({(e["tp"], e["batch_size"]) for e in es})
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cfgs)), 4))
     w = 0.8 / len(modes)

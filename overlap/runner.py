@@ -269,19 +269,12 @@ class Runner:
         reps = []
         run = lambda: [self.comm.all_reduce(x) for _ in range(iters)]  # noqa: E731
         if self.cuda and use_graph:
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                run()
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                run()
-            run = g.replay
+            (run,) = self._capture([run])
         run()
         for _ in range(5):
             if self.cuda:
-                torch.distributed.barrier() if self.world > 1 else None
+                if self.world > 1:
+                    torch.distributed.barrier()
                 s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 s.record()
                 run()

@@ -13,14 +13,16 @@ def run_pytest(*args, cwd=ROOT, timeout=600):
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie counts as dead: it holds no GPU, no socket)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+def proc_stat(pid) -> list[str] | None:
+    """/proc/PID/stat after the command name: [state, ppid, ...]; None if the process is gone."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
+            return f.read().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie counts as dead: it holds no GPU, no socket)."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] != "Z"

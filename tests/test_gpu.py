@@ -73,3 +73,14 @@ def test_compiled_blocks_capture_into_cuda_graphs():
         assert d["compiled"] and d["cuda_graphs"]
         g = eng.generate(random_prompts(4, 32, 512, 2), 16)
         assert [len(t) for t in g.tokens] == [16] * 4 and all(0 <= t < 512 for r in g.tokens for t in r)
+
+
+@pytest.mark.parametrize("allreduce", ["nccl", "auto"])  # auto: symmetric memory where it works
+def test_comm_free_rounds_leave_later_generations_unchanged(allreduce):
+    """The comm-free graphs are captured after the first generation; the next one must give the first
+    one's tokens (on H200 a freed static input of the prefill graph once broke this)."""
+    with _engine(allreduce=allreduce) as eng:
+        prompts = random_prompts(4, 32, 512, 3)
+        first = eng.generate(prompts, 16).tokens
+        eng.generate(prompts, 16, comm_free=True)
+        assert eng.generate(prompts, 16).tokens == first

@@ -8,6 +8,7 @@ from overlap.config import ConfigError
 from overlap.engine import EngineConfig, TPEngine
 from overlap.generate import random_prompts
 from overlap.streams import MODES, ModeNotApplicable, StreamManager, check_applicable
+from tests.helpers import proc_stat
 
 BATCHES = (1, 2, 7, 16)
 
@@ -54,16 +55,8 @@ def test_batch_larger_than_engine_is_refused(engine_factory):
 
 def _children() -> set[int]:
     me = str(os.getpid())
-    kids = set()
-    for d in os.listdir("/proc"):
-        try:
-            with open(f"/proc/{d}/stat") as f:
-                fields = f.read().rsplit(") ", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if fields[1] == me and fields[0] != "Z":
-            kids.add(int(d))
-    return kids
+    stats = {int(d): proc_stat(d) for d in os.listdir("/proc") if d.isdigit()}
+    return {pid for pid, st in stats.items() if st is not None and st[1] == me and st[0] != "Z"}
 
 
 def test_repeated_builds_of_every_mode_leak_nothing():
