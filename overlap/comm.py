@@ -70,11 +70,10 @@ class Comm:
         dist.all_reduce(x)
         return x
 
-    def argmax(self, logits_local: torch.Tensor, vocab_offset: int) -> torch.Tensor:
-        """Greedy token over a vocab-sharded LM head: gather each rank's (max, index) instead of the
-        whole logits. Ties go to the lowest index, as torch.argmax does on the full logits."""
-        val, idx = logits_local.float().max(dim=-1)
-        idx = idx + vocab_offset
+    def argmax(self, val: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        """Greedy token over a vocab-sharded LM head from each rank's (max logit, global index) per
+        row: gathering the pairs instead of the whole logits. Ties go to the lowest index, as
+        torch.argmax does on the full logits."""
         if self.world == 1 or self.comm_free:
             return idx
         mine = torch.stack([val, idx.float()], dim=-1)  # index < 2**24 is exact in fp32

@@ -41,13 +41,18 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
-def attn_block(x, norm_w, wqkv, wo, kc, vc, cos, sin, pos, mask, n_heads: int, n_kv: int, hd: int,
-               eps: float) -> torch.Tensor:
-    """One rank's attention sublayer up to its row-parallel o_proj: the partial sum before the
-    all-reduce. Writes this step's K/V into the cache views `kc`, `vc`.
+def attn_block(x, delta, norm_w, wqkv, wo, kc, vc, cos, sin, pos, mask, n_heads: int, n_kv: int, hd: int,
+               eps: float):
+    """One rank's attention sublayer: adds the previous sublayer's all-reduced output `delta` to the
+    residual stream `x` (None before the first layer), then runs up to its row-parallel o_proj.
+    Returns (residual stream, partial sum before the all-reduce). Writes this step's K/V into the
+    cache views `kc`, `vc`. The residual add lives here, not after the all-reduce, so that under
+    --compile it fuses with the RMSNorm that reads it.
 
     GQA without copying K/V: the G query heads that share a KV head are folded into the query
     length ([B, Hkv, G*S, D]) so one plain attention call reads each cached K/V once."""
+    if delta is not None:
+        x = x + delta
     B, S, _ = x.shape
     h = F.rms_norm(x, (x.shape[-1],), norm_w, eps)
     qkv = h @ wqkv.t()
@@ -61,29 +66,45 @@ def attn_block(x, norm_w, wqkv, wo, kc, vc, cos, sin, pos, mask, n_heads: int, n
     vc[:, :, pos] = v
     qf = q.reshape(B, n_kv, (n_heads // n_kv) * S, hd)
     y = F.scaled_dot_product_attention(qf, kc, vc, attn_mask=mask)
-    return y.view(B, n_heads, S, hd).transpose(1, 2).reshape(B, S, nq) @ wo.t()
+    return x, y.view(B, n_heads, S, hd).transpose(1, 2).reshape(B, S, nq) @ wo.t()
 
 
-def mlp_block(x, norm_w, w13, w2, inter: int, eps: float) -> torch.Tensor:
-    """One rank's SwiGLU MLP up to its row-parallel down projection (partial sum, before the all-reduce)."""
+def mlp_block(x, delta, norm_w, w13, w2, inter: int, eps: float):
+    """One rank's SwiGLU MLP: residual add of `delta`, then up to its row-parallel down projection.
+    Returns (residual stream, partial sum before the all-reduce)."""
+    x = x + delta
     h = F.rms_norm(x, (x.shape[-1],), norm_w, eps)
     g, u = (h @ w13.t()).split(inter, dim=-1)
-    return (F.silu(g) * u) @ w2.t()
+    return x, (F.silu(g) * u) @ w2.t()
+
+
+def head_block(x, delta, norm_w, lm_head, eps: float):
+    """The last residual add, final RMSNorm and this rank's vocabulary shard of the LM head, reduced
+    to each row's (max logit, local index): greedy sampling never needs the whole logits."""
+    x = x + delta
+    h = F.rms_norm(x, (x.shape[-1],), norm_w, eps)
+    return (h @ lm_head.t()).float().max(dim=-1)
 
 
 def compiled_blocks():
-    """`attn_block` and `mlp_block` under torch.compile (--compile): whole-graph, static shapes. The
-    weights are arguments, so all layers share one compiled kernel set per (batch, length) shape;
-    collectives stay outside (they run between the blocks), and the decode-step CUDA graph captures
-    the compiled kernels like any others."""
+    """`attn_block`, `mlp_block` and `head_block` under torch.compile (--compile): whole-graph, static
+    shapes. The weights are arguments, so all layers share one compiled kernel set per (batch, length)
+    shape; collectives stay outside (they run between the blocks), and the decode-step CUDA graph
+    captures the compiled kernels like any others.
+
+    Coordinate-descent tuning is on because of what it changes at batch 1: Inductor then rewrites a
+    matrix-vector product as a fused multiply-reduce Triton kernel (tuned per shape) instead of a
+    cuBLAS call, so the RMSNorm before it and the SiLU-and-multiply after it fuse into the same
+    kernels (see inductor/decomposition.py `mm`)."""
     import torch._dynamo
+    import torch._inductor.config as inductor
 
     cfg = torch._dynamo.config
     for name in ("recompile_limit", "cache_size_limit"):  # one entry per shape: batches, prompt lengths
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 64))
-    return (torch.compile(attn_block, fullgraph=True, dynamic=False),
-            torch.compile(mlp_block, fullgraph=True, dynamic=False))
+    inductor.coordinate_descent_tuning = True
+    return tuple(torch.compile(f, fullgraph=True, dynamic=False) for f in (attn_block, mlp_block, head_block))
 
 
 class WeightSource:
@@ -201,7 +222,7 @@ class TPLlama:
         ang = torch.cat([ang, ang], dim=-1)
         self.cos, self.sin = ang.cos().to(dtype), ang.sin().to(dtype)
         self.key_pos = torch.arange(max_seq, device=self.device)
-        self.attn_fn, self.mlp_fn = compiled_blocks() if compile else (attn_block, mlp_block)
+        self.attn_fn, self.mlp_fn, self.head_fn = compiled_blocks() if compile else (attn_block, mlp_block, head_block)
 
     # -- sizes for bandwidth accounting --------------------------------------------------------------
     def weight_bytes_per_step(self) -> int:
@@ -222,13 +243,13 @@ class TPLlama:
         mask = self.key_pos[None, :] <= pos[:, None]  # [S, max_seq]
         return cos, sin, pos, mask.repeat(self.n_heads // self.n_kv, 1)
 
-    def _attn(self, L: Layer, x: torch.Tensor, rope, b0: int, b1: int) -> torch.Tensor:
+    def _attn(self, L: Layer, x: torch.Tensor, delta, rope, b0: int, b1: int):
         cos, sin, pos, mask = rope
-        return self.attn_fn(x, L.attn_norm, L.wqkv, L.wo, L.k_cache[b0:b1], L.v_cache[b0:b1], cos, sin, pos, mask,
-                            self.n_heads, self.n_kv, self.hd, self.cfg.rms_norm_eps)
+        return self.attn_fn(x, delta, L.attn_norm, L.wqkv, L.wo, L.k_cache[b0:b1], L.v_cache[b0:b1], cos, sin, pos,
+                            mask, self.n_heads, self.n_kv, self.hd, self.cfg.rms_norm_eps)
 
-    def _mlp(self, L: Layer, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp_fn(x, L.ffn_norm, L.w13, L.w2, self.inter, self.cfg.rms_norm_eps)
+    def _mlp(self, L: Layer, x: torch.Tensor, delta):
+        return self.mlp_fn(x, delta, L.ffn_norm, L.w13, L.w2, self.inter, self.cfg.rms_norm_eps)
 
     def _next_weight(self, li: int, sub: int) -> torch.Tensor | None:
         """The weight the GEMM right after sublayer `sub` (0 attn, 1 mlp) of layer `li` reads."""
@@ -237,38 +258,42 @@ class TPLlama:
         return self.layers[li + 1].wqkv if li + 1 < len(self.layers) else self.lm_head
 
     def hidden(self, tokens: torch.Tensor, pos: torch.Tensor, chunks: list[tuple[int, int, int, int]]) -> list:
-        """Run all layers over `chunks` = [(b0, b1, s0, s1)] of (batch, sequence) ranges. With more
-        than one chunk (pipeline mode) each chunk's all-reduce runs on a communication stream while
-        the next chunk's GEMMs run (Domino/NanoFlow for batches, ISO for prefill chunks)."""
+        """Run all layers over `chunks` = [(b0, b1, s0, s1)] of (batch, sequence) ranges; per chunk
+        returns (residual stream, last sublayer's all-reduced output): their sum is the last hidden
+        state, added where the next block (the head) needs it. With more than one chunk (pipeline
+        mode) each chunk's all-reduce runs on a communication stream while the next chunk's GEMMs
+        run (Domino/NanoFlow for batches, ISO for prefill chunks)."""
         sm = self.streams
         xs = [self.embed[tokens[b0:b1, s0:s1]] for (b0, b1, s0, s1) in chunks]
+        ds: list = [None] * len(chunks)  # each chunk's all-reduced sublayer output, not yet added
         ropes = [self._rope_and_mask(pos[s0:s1]) for (_, _, s0, s1) in chunks]
         pending: list = [None] * len(chunks)  # event of each chunk's in-flight all-reduce
-        keep = []  # partial sums used on side streams stay alive until the step joins
+        keep = []  # tensors used across streams stay alive until the step joins
         for li, L in enumerate(self.layers):
             for sub in (0, 1):
                 for ci, (b0, b1, _, _) in enumerate(chunks):
                     sm.wait(pending[ci])
-                    x = xs[ci]
-                    part = self._attn(L, x, ropes[ci], b0, b1) if sub == 0 else self._mlp(L, x)
+                    if sub == 0:
+                        xs[ci], part = self._attn(L, xs[ci], ds[ci], ropes[ci], b0, b1)
+                    else:
+                        xs[ci], part = self._mlp(L, xs[ci], ds[ci])
                     nxt = self._next_weight(li, sub)
                     if len(chunks) == 1:
                         sm.prefetch(nxt)
-                        xs[ci] = x + self.comm.all_reduce(part)
+                        ds[ci] = self.comm.all_reduce(part)
                         continue
                     ready = sm.event()
                     with sm.on(sm.comm_stream(ci)):
                         sm.wait(ready)
                         if ci == len(chunks) - 1:
                             sm.prefetch(nxt)
-                        red = self.comm.all_reduce(part)
-                        xs[ci] = x + red
+                        ds[ci] = self.comm.all_reduce(part)
                         pending[ci] = sm.event()
-                    keep.append((x, part, red))
+                    keep.append((part, ds[ci]))
         for ci in range(len(chunks)):
             sm.wait(pending[ci])
         sm.join()
-        return xs
+        return list(zip(xs, ds))
 
     def logits_local(self, x: torch.Tensor) -> torch.Tensor:
         h = F.rms_norm(x, (x.shape[-1],), self.norm, self.cfg.rms_norm_eps)
@@ -276,16 +301,23 @@ class TPLlama:
 
     def forward_next(self, tokens: torch.Tensor, pos: torch.Tensor, chunks) -> torch.Tensor:
         """Greedy next token per sequence after `tokens` at positions `pos` (prefill or decode)."""
-        xs = self.hidden(tokens, pos, chunks)
+        outs = self.hidden(tokens, pos, chunks)
         # The last position of each batch range: with sequence chunks only the last chunk has it.
         lasts = {}
-        for (b0, b1, s0, s1), x in zip(chunks, xs):
+        for (b0, b1, s0, s1), (x, d) in zip(chunks, outs):
             if s1 == tokens.shape[1]:
-                lasts[b0] = x[:, -1]
-        x_last = torch.cat([lasts[k] for k in sorted(lasts)], dim=0)
-        return self.comm.argmax(self.logits_local(x_last), self.rank * self.vocab_local)
+                lasts[b0] = (x[:, -1], d[:, -1])
+        order = sorted(lasts)
+        if len(order) == 1:
+            x_last, d_last = lasts[order[0]]
+        else:
+            x_last = torch.cat([lasts[k][0] for k in order], dim=0)
+            d_last = torch.cat([lasts[k][1] for k in order], dim=0)
+        val, idx = self.head_fn(x_last, d_last, self.norm, self.lm_head, self.cfg.rms_norm_eps)
+        offset = self.rank * self.vocab_local
+        return self.comm.argmax(val, idx + offset if offset else idx)
 
     def full_logits(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """All-position, all-vocab logits (correctness tests)."""
-        (x,) = self.hidden(tokens, pos, [(0, tokens.shape[0], 0, tokens.shape[1])])
-        return self.comm.gather_logits(self.logits_local(x))
+        ((x, d),) = self.hidden(tokens, pos, [(0, tokens.shape[0], 0, tokens.shape[1])])
+        return self.comm.gather_logits(self.logits_local(x + d))

@@ -1,0 +1,121 @@
+"""Where one decode step's time goes, on one GPU at TP=1, for one engine variant: the step's GPU time
+(CUDA events around back-to-back graph replays, no host turn-around), the generate loop's TPOT, kernels
+per step and the top kernels (torch.profiler), and the matrix-vector products alone in one graph
+(the bandwidth ceiling of this variant's GEMVs). Prints one JSON object.
+
+    python scripts/step_anatomy.py --model llama3-8b --variant eager|compile|compile-nocdt
+
+`compile-nocdt` is --compile without coordinate-descent tuning (GEMVs stay cuBLAS calls).
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import time
+
+import torch
+
+from overlap.generate import random_prompts
+from overlap.runner import Runner
+
+
+def replay_ms(run, reps: int, before=None) -> float:
+    """Median device time of `run()` over `reps` repetitions (CUDA events)."""
+    times = []
+    for _ in range(reps):
+        if before:
+            before()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        run()
+        e.record()
+        e.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times)
+
+
+def kernels(run, steps: int) -> dict:
+    """Kernels per step and the ten with the most total time (name, calls per step, mean us)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        run()
+        torch.cuda.synchronize()
+    per = collections.defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA and "Memcpy" not in ev.name:
+            per[ev.name][0] += 1
+            per[ev.name][1] += ev.device_time_total
+    total = sum(n for n, _ in per.values())
+    top = sorted(per.items(), key=lambda kv: -kv[1][1])[:10]
+    return {"kernels_per_step": total / steps,
+            "top": [{"name": k[:90], "per_step": n / steps, "us_mean": t / n, "us_per_step": t / steps}
+                    for k, (n, t) in top]}
+
+
+def gemv_only(runner: Runner, b: int, compiled: bool) -> dict:
+    """All of a step's weight GEMMs (every layer + LM head) in one graph: their bytes per second."""
+    m = runner.model
+    ws = [w for L in m.layers for w in (L.wqkv, L.wo, L.w13, L.w2)] + [m.lm_head]
+    xs = {k: torch.randn(b, k, device=runner.device, dtype=m.dtype) for k in {w.shape[1] for w in ws}}
+
+    def mm(x, w):
+        return x @ w.t()
+    if compiled:
+        mm = torch.compile(mm, fullgraph=True, dynamic=False)
+    (run,) = runner._capture([lambda: [mm(xs[w.shape[1]], w) for w in ws]])
+    ms = replay_ms(run, 20)
+    nbytes = sum(w.numel() * w.element_size() for w in ws)
+    return {"ms": ms, "bytes": nbytes, "tb_per_s": nbytes / ms / 1e9}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="llama3-8b")
+    ap.add_argument("--variant", choices=("eager", "compile", "compile-nocdt"), default="eager")
+    ap.add_argument("--batch-size", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=128)
+    a = ap.parse_args()
+    b, p, n = a.batch_size, a.prompt_len, a.max_tokens
+    torch._dynamo.config.recompile_limit = 64
+    spec = dict(model=a.model, dtype="bfloat16", allreduce="auto", overlap="none", num_streams=2,
+                prefetch_bytes=None, max_batch=b, max_seq=p + n, seed=0, compile=a.variant != "eager",
+                cuda_graphs=True, copy_bw=None, batch_sizes=[])
+    t0 = time.time()
+    r = Runner(0, 1, torch.device("cuda", 0), spec)
+    if a.variant == "compile-nocdt":
+        import torch._inductor.config as inductor
+        inductor.coordinate_descent_tuning = False
+    t1 = time.time()
+    steps = r._graph(b, False)
+    build_s = time.time() - t1
+    prompts = random_prompts(b, p, r.model.cfg.vocab_size, 0)
+    gens = [r.generate(prompts, n) for _ in range(6)][1:]
+    tpot = statistics.median((g["token_ns"][-1] - g["token_ns"][1]) / (n - 2) / 1e6 for g in gens)
+    pos = r._buffers(b)["pos"]
+
+    def round_():  # n-1 decode steps back to back, alternating the token buffers
+        for i in range(n - 1):
+            steps[i % 2]()
+    step_ms = replay_ms(round_, 10, before=lambda: pos.fill_(p)) / (n - 1)
+    pos.fill_(p)
+    kern = kernels(round_, n - 1)
+    nbytes = r.model.weight_bytes_per_step() + r.model.kv_bytes_per_token() * (p + n // 2) * b
+    out = {
+        "variant": a.variant, "model": a.model, "batch": b, "gpu": torch.cuda.get_device_name(0),
+        "torch": torch.__version__, "setup_s": round(t1 - t0, 1), "graph_build_s": round(build_s, 1),
+        "copy_tb_per_s": r.copy_bw / 1e12, "bytes_per_step": nbytes,
+        "tpot_ms": tpot, "step_gpu_ms": step_ms, "host_gap_ms": tpot - step_ms,
+        "mbu_tpot": nbytes / (tpot / 1e3) / r.copy_bw, "mbu_step": nbytes / (step_ms / 1e3) / r.copy_bw,
+        "tokens_head": gens[-1]["tokens"][0][:16],
+        **kern,
+        "gemv_only": gemv_only(r, b, compiled=a.variant == "compile"),
+    }
+    print(json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
