@@ -37,7 +37,7 @@ def replay_ms(run, reps: int, before=None) -> float:
 
 
 def kernels(run, steps: int) -> dict:
-    """Kernels per step and the ten with the most total time (name, calls per step, mean us)."""
+    """Kernels per step, and each kernel by total time (name, calls per step, mean us)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
@@ -49,32 +49,47 @@ def kernels(run, steps: int) -> dict:
             per[ev.name][0] += 1
             per[ev.name][1] += ev.device_time_total
     total = sum(n for n, _ in per.values())
-    top = sorted(per.items(), key=lambda kv: -kv[1][1])[:10]
+    top = sorted(per.items(), key=lambda kv: -kv[1][1])
     return {"kernels_per_step": total / steps,
             "top": [{"name": k[:90], "per_step": n / steps, "us_mean": t / n, "us_per_step": t / steps}
                     for k, (n, t) in top]}
 
 
 def gemv_only(runner: Runner, b: int, compiled: bool) -> dict:
-    """All of a step's weight GEMMs (every layer + LM head) in one graph: their bytes per second."""
+    """Each weight GEMM kind alone (all layers' in one graph): us per call and bytes per second."""
     m = runner.model
-    ws = [w for L in m.layers for w in (L.wqkv, L.wo, L.w13, L.w2)] + [m.lm_head]
-    xs = {k: torch.randn(b, k, device=runner.device, dtype=m.dtype) for k in {w.shape[1] for w in ws}}
 
     def mm(x, w):
         return x @ w.t()
     if compiled:
         mm = torch.compile(mm, fullgraph=True, dynamic=False)
-    (run,) = runner._capture([lambda: [mm(xs[w.shape[1]], w) for w in ws]])
-    ms = replay_ms(run, 20)
-    nbytes = sum(w.numel() * w.element_size() for w in ws)
-    return {"ms": ms, "bytes": nbytes, "tb_per_s": nbytes / ms / 1e9}
+    out = {}
+    kinds = {k: [getattr(L, k) for L in m.layers] for k in ("wqkv", "wo", "w13", "w2")}
+    kinds["lm_head"] = [m.lm_head]
+    for kind, ws in kinds.items():
+        x = torch.randn(b, ws[0].shape[1], device=runner.device, dtype=m.dtype)
+        (run,) = runner._capture([lambda ws=ws, x=x: [mm(x, w) for w in ws]])
+        us = replay_ms(run, 20) * 1e3 / len(ws)
+        nbytes = ws[0].numel() * ws[0].element_size()
+        out[kind] = {"us": round(us, 2), "tb_per_s": round(nbytes / us / 1e6, 3)}
+    total_us = sum(v["us"] * (1 if k == "lm_head" else len(m.layers)) for k, v in out.items())
+    out["step_ms"] = total_us / 1e3
+    return out
+
+
+def attention_math(q, k, v, mask):
+    """Decode attention as multiply-reduce expressions Inductor fuses itself (compile only: eager
+    would materialise the [B, H, R, T, D] product)."""
+    s = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1).float() * q.shape[-1] ** -0.5 + mask
+    p = s.softmax(-1).to(q.dtype)
+    return (p.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--variant", choices=("eager", "compile", "compile-nocdt"), default="eager")
+    ap.add_argument("--attn", choices=("sdpa", "math"), default="sdpa", help="math: attention_math (compile)")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -84,6 +99,9 @@ def main() -> None:
     spec = dict(model=a.model, dtype="bfloat16", allreduce="auto", overlap="none", num_streams=2,
                 prefetch_bytes=None, max_batch=b, max_seq=p + n, seed=0, compile=a.variant != "eager",
                 cuda_graphs=True, copy_bw=None, batch_sizes=[])
+    if a.attn == "math":
+        import overlap.model
+        overlap.model.attention = attention_math
     t0 = time.time()
     r = Runner(0, 1, torch.device("cuda", 0), spec)
     if a.variant == "compile-nocdt":
@@ -105,7 +123,7 @@ def main() -> None:
     kern = kernels(round_, n - 1)
     nbytes = r.model.weight_bytes_per_step() + r.model.kv_bytes_per_token() * (p + n // 2) * b
     out = {
-        "variant": a.variant, "model": a.model, "batch": b, "gpu": torch.cuda.get_device_name(0),
+        "variant": a.variant, "attn": a.attn, "model": a.model, "batch": b, "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__, "setup_s": round(t1 - t0, 1), "graph_build_s": round(build_s, 1),
         "copy_tb_per_s": r.copy_bw / 1e12, "bytes_per_step": nbytes,
         "tpot_ms": tpot, "step_gpu_ms": step_ms, "host_gap_ms": tpot - step_ms,
