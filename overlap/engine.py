@@ -31,7 +31,8 @@ class EngineConfig:
     num_streams: int = 2
     dtype: str | None = None          # default: bfloat16 on GPU, float32 on CPU
     cuda_graphs: bool = True
-    compile: bool = False             # torch.compile the attention/MLP blocks (model.compiled_blocks)
+    compile: bool | None = None       # torch.compile the blocks (model.compiled_blocks); default: on for CUDA
+    decode_attention: str = "auto"    # auto | triton | sdpa (kernels.choose)
     gpu_ids: tuple | None = None      # visible GPU indices for ranks 0..tp-1 (default 0..tp-1)
     timeout_s: float = 300.0          # one request (and NCCL's own timeout)
     build_timeout_s: float = 1800.0   # start-up: weights, graphs
@@ -42,6 +43,8 @@ class EngineConfig:
         c = EngineConfig(**asdict(self))
         c.batch_sizes = tuple(sorted(set(int(b) for b in c.batch_sizes)))
         c.dtype = c.dtype or ("bfloat16" if c.device == "cuda" else "float32")
+        if c.compile is None:  # on CPU, compiling needs a C++ compiler and minutes: off unless asked
+            c.compile = c.device == "cuda"
         c.gpu_ids = tuple(c.gpu_ids) if c.gpu_ids else tuple(range(c.tp))
         return c
 
@@ -189,7 +192,8 @@ class TPEngine:
         return {
             "engine": self.name, "model": c.model, "tp": c.tp, "device": c.device, "overlap": c.overlap,
             "dtype": r0["dtype"], "allreduce": r0["allreduce"], "allreduce_requested": c.allreduce,
-            "symm_error": r0["symm_error"], "cuda_graphs": r0["cuda_graphs"], "compiled": r0["compiled"], "prefetch_bytes": r0["prefetch_bytes"], "num_streams": c.num_streams,
+            "symm_error": r0["symm_error"], "cuda_graphs": r0["cuda_graphs"], "compiled": r0["compiled"],
+            "decode_attention": r0["decode_attention"], "prefetch_bytes": r0["prefetch_bytes"], "num_streams": c.num_streams,
             "weight_bytes_per_step": r0["weight_bytes_per_step"], "kv_bytes_per_token": r0["kv_bytes_per_token"],
             "copy_bw_bytes_per_s": [r["copy_bw_bytes_per_s"] for r in self.ranks],
             "gpu_names": [r.get("gpu_name") for r in self.ranks if r.get("gpu_name")],

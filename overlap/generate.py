@@ -8,6 +8,7 @@ import sys
 
 import numpy as np
 
+from . import kernels
 from .comm import ALLREDUCE_CHOICES
 from .config import ConfigError
 from .engine import EngineConfig, EngineError, TPEngine
@@ -34,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--num-streams", type=int, default=2)
     ap.add_argument("--prefetch-mb", type=float, help="L2 prefetch per all-reduce (prefetch/full; default half of L2)")
     ap.add_argument("--no-cuda-graphs", action="store_true")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the attention/MLP blocks")
+    ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                    help="torch.compile the blocks (default: on for cuda, off for cpu)")
+    ap.add_argument("--decode-attention", choices=kernels.CHOICES, default="auto",
+                    help="decode attention: the fused Triton kernel, SDPA, or auto (Triton where it runs)")
     a = ap.parse_args(argv)
     from .config import resolve_model
 
@@ -43,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EngineConfig(model=a.model, tp=a.tp, device=a.device, overlap=a.overlap, allreduce=a.allreduce,
                            batch_sizes=(a.batch_size,), max_seq=a.prompt_len + a.max_tokens, seed=a.seed,
                            num_streams=a.num_streams, cuda_graphs=not a.no_cuda_graphs, compile=a.compile,
+                           decode_attention=a.decode_attention,
                            prefetch_bytes=None if a.prefetch_mb is None else int(a.prefetch_mb * 2**20))
         with TPEngine(cfg) as eng:
             eng.check(a.batch_size, a.prompt_len, a.max_tokens)

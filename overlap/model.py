@@ -15,6 +15,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .comm import Comm
 from .config import ModelConfig
 from .streams import StreamManager
@@ -48,21 +49,23 @@ def attention(q, k, v, mask):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
-def attn_block(x, delta, norm_w, wqkv, wo, kc, vc, cos, sin, pos, mask, n_heads: int, n_kv: int, hd: int,
-               eps: float):
-    """One rank's attention sublayer: adds the previous sublayer's all-reduced output `delta` to the
-    residual stream `x` (None before the first layer), then runs up to its row-parallel o_proj.
-    Returns (residual stream, partial sum before the all-reduce). Writes this step's K/V into the
-    cache views `kc`, `vc`. The residual add lives here, not after the all-reduce, so that under
-    --compile it fuses with the RMSNorm that reads it.
+def qkv_block(x, delta, norm_w, wqkv, eps: float):
+    """Residual add of the previous sublayer's all-reduced output `delta` (None before the first
+    layer), RMSNorm and this rank's QKV projection. Returns (residual stream, qkv before RoPE). The
+    residual add lives here, not after the all-reduce, so that under --compile it fuses with the
+    RMSNorm that reads it."""
+    if delta is not None:
+        x = x + delta
+    return x, F.rms_norm(x, (x.shape[-1],), norm_w, eps) @ wqkv.t()
+
+
+def attend(qkv, kc, vc, cos, sin, pos, mask, n_heads: int, n_kv: int, hd: int):
+    """RoPE on q and k, K/V written into the cache views `kc`, `vc` at `pos`, attention over the cache:
+    [B, S, n_heads * hd]. (`kernels.decode_attention` is the same for one position, in one kernel.)
 
     GQA without copying K/V: the G query heads that share a KV head are folded into the query
     length ([B, Hkv, G*S, D]) so one plain attention call reads each cached K/V once."""
-    if delta is not None:
-        x = x + delta
-    B, S, _ = x.shape
-    h = F.rms_norm(x, (x.shape[-1],), norm_w, eps)
-    qkv = h @ wqkv.t()
+    B, S, _ = qkv.shape
     nq, nk = n_heads * hd, n_kv * hd
     qk = qkv[..., :nq + nk].view(B, S, n_heads + n_kv, hd)
     qk = qk * cos + _rotate_half(qk) * sin  # RoPE on q and k in one pass
@@ -73,7 +76,15 @@ def attn_block(x, delta, norm_w, wqkv, wo, kc, vc, cos, sin, pos, mask, n_heads:
     vc[:, :, pos] = v
     qf = q.reshape(B, n_kv, (n_heads // n_kv) * S, hd)
     y = attention(qf, kc, vc, mask)
-    return x, y.view(B, n_heads, S, hd).transpose(1, 2).reshape(B, S, nq) @ wo.t()
+    return y.view(B, n_heads, S, hd).transpose(1, 2).reshape(B, S, nq)
+
+
+def attn_block(x, delta, norm_w, wqkv, wo, kc, vc, cos, sin, pos, mask, n_heads: int, n_kv: int, hd: int,
+               eps: float):
+    """One rank's attention sublayer up to its row-parallel o_proj: (residual stream, partial sum
+    before the all-reduce)."""
+    x, qkv = qkv_block(x, delta, norm_w, wqkv, eps)
+    return x, attend(qkv, kc, vc, cos, sin, pos, mask, n_heads, n_kv, hd) @ wo.t()
 
 
 def mlp_act(x, delta, norm_w, w13, inter: int, eps: float):
@@ -103,12 +114,13 @@ def head_block(x, delta, norm_w, lm_head, eps: float):
 class Blocks(NamedTuple):
     """The functions one decode/prefill pass is made of: eager, or each under torch.compile."""
     attn: Callable
+    qkv: Callable
     mlp_act: Callable
     down: Callable
     head: Callable
 
 
-EAGER = Blocks(attn_block, mlp_act, matvec, head_block)
+EAGER = Blocks(attn_block, qkv_block, mlp_act, matvec, head_block)
 
 
 def compiled_blocks() -> Blocks:
@@ -211,7 +223,8 @@ class TPLlama:
     forward pass short and graph-capturable."""
 
     def __init__(self, cfg: ModelConfig, comm: Comm, streams: StreamManager, *, max_batch: int,
-                 max_seq: int, seed: int = 0, dtype: torch.dtype = torch.float32, compile: bool = False):
+                 max_seq: int, seed: int = 0, dtype: torch.dtype = torch.float32, compile: bool = False,
+                 decode_attention: str = "sdpa"):
         cfg.check_tp(comm.world)
         self.cfg, self.comm, self.streams = cfg, comm, streams
         self.rank, self.world, self.device, self.dtype = comm.rank, comm.world, comm.device, dtype
@@ -247,6 +260,7 @@ class TPLlama:
         self.cos, self.sin = ang.cos().to(dtype), ang.sin().to(dtype)
         self.key_pos = torch.arange(max_seq, device=self.device)
         self.fns = compiled_blocks() if compile else EAGER
+        self.decode_attention = kernels.choose(decode_attention, self.device)
 
     # -- sizes for bandwidth accounting --------------------------------------------------------------
     def weight_bytes_per_step(self) -> int:
@@ -270,8 +284,13 @@ class TPLlama:
 
     def _attn(self, L: Layer, x: torch.Tensor, delta, rope, b0: int, b1: int):
         cos, sin, pos, mask = rope
-        return self.fns.attn(x, delta, L.attn_norm, L.wqkv, L.wo, L.k_cache[b0:b1], L.v_cache[b0:b1], cos, sin, pos,
-                            mask, self.n_heads, self.n_kv, self.hd, self.cfg.rms_norm_eps)
+        kc, vc, eps = L.k_cache[b0:b1], L.v_cache[b0:b1], self.cfg.rms_norm_eps
+        if self.decode_attention == "triton" and x.shape[1] == 1:  # one new token per sequence
+            x, qkv = self.fns.qkv(x, delta, L.attn_norm, L.wqkv, eps)
+            y = kernels.decode_attention(qkv, self.cos, self.sin, pos, kc, vc, self.n_heads, self.n_kv)
+            return x, self.fns.down(y.view(x.shape[0], 1, -1), L.wo)
+        return self.fns.attn(x, delta, L.attn_norm, L.wqkv, L.wo, kc, vc, cos, sin, pos, mask,
+                             self.n_heads, self.n_kv, self.hd, eps)
 
     def _mlp(self, L: Layer, x: torch.Tensor, delta):
         x, act = self.fns.mlp_act(x, delta, L.ffn_norm, L.w13, self.inter, self.cfg.rms_norm_eps)

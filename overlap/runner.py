@@ -25,7 +25,8 @@ class Runner:
         self.comm = Comm(rank, world, device, dtype, spec["allreduce"])
         self.sm = StreamManager(device, spec["overlap"], spec["num_streams"], spec.get("prefetch_bytes"))
         self.model = TPLlama(cfg, self.comm, self.sm, max_batch=spec["max_batch"], max_seq=spec["max_seq"],
-                             seed=spec["seed"], dtype=dtype, compile=spec.get("compile", False))
+                             seed=spec["seed"], dtype=dtype, compile=spec.get("compile", False),
+                             decode_attention=spec.get("decode_attention", "sdpa"))
         self.cuda = device.type == "cuda"
         self.use_graphs = self.cuda and spec["cuda_graphs"]
         self.graphs: dict = {}
@@ -47,6 +48,7 @@ class Runner:
             "allreduce": self.comm.backend, "symm_error": self.comm.symm_error,
             "weight_bytes_per_step": m.weight_bytes_per_step(), "kv_bytes_per_token": m.kv_bytes_per_token(),
             "copy_bw_bytes_per_s": self.copy_bw, "cuda_graphs": self.use_graphs, "compiled": bool(self.spec.get("compile")),
+            "decode_attention": m.decode_attention,
             "prefetch_bytes": self.sm.prefetch_bytes if self.sm.prefetch_stream is not None else 0,
             "torch": torch.__version__, "streams_created": StreamManager.created,
             "timestamp_ns": self.timestamp_ns, "vocab_size": m.cfg.vocab_size,

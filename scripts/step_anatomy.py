@@ -3,7 +3,7 @@
 per step and the top kernels (torch.profiler), and the matrix-vector products alone in one graph
 (the bandwidth ceiling of this variant's GEMVs). Prints one JSON object.
 
-    python scripts/step_anatomy.py --model llama3-8b --variant eager|compile|compile-nocdt
+    python scripts/step_anatomy.py --model llama3-8b --variant eager|compile|compile-nocdt [--decode-attention triton]
 
 `compile-nocdt` is --compile without coordinate-descent tuning (GEMVs stay cuBLAS calls).
 """
@@ -77,19 +77,11 @@ def gemv_only(runner: Runner, b: int, compiled: bool) -> dict:
     return out
 
 
-def attention_math(q, k, v, mask):
-    """Decode attention as multiply-reduce expressions Inductor fuses itself (compile only: eager
-    would materialise the [B, H, R, T, D] product)."""
-    s = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1).float() * q.shape[-1] ** -0.5 + mask
-    p = s.softmax(-1).to(q.dtype)
-    return (p.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--variant", choices=("eager", "compile", "compile-nocdt"), default="eager")
-    ap.add_argument("--attn", choices=("sdpa", "math"), default="sdpa", help="math: attention_math (compile)")
+    ap.add_argument("--decode-attention", choices=("sdpa", "triton"), default="sdpa")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -98,10 +90,8 @@ def main() -> None:
     torch._dynamo.config.recompile_limit = 64
     spec = dict(model=a.model, dtype="bfloat16", allreduce="auto", overlap="none", num_streams=2,
                 prefetch_bytes=None, max_batch=b, max_seq=p + n, seed=0, compile=a.variant != "eager",
-                cuda_graphs=True, copy_bw=None, batch_sizes=[])
-    if a.attn == "math":
-        import overlap.model
-        overlap.model.attention = attention_math
+                cuda_graphs=True, copy_bw=None, batch_sizes=[],
+                decode_attention=a.decode_attention)
     t0 = time.time()
     r = Runner(0, 1, torch.device("cuda", 0), spec)
     if a.variant == "compile-nocdt":
@@ -123,7 +113,7 @@ def main() -> None:
     kern = kernels(round_, n - 1)
     nbytes = r.model.weight_bytes_per_step() + r.model.kv_bytes_per_token() * (p + n // 2) * b
     out = {
-        "variant": a.variant, "attn": a.attn, "model": a.model, "batch": b, "gpu": torch.cuda.get_device_name(0),
+        "variant": a.variant, "decode_attention": a.decode_attention, "model": a.model, "batch": b, "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__, "setup_s": round(t1 - t0, 1), "graph_build_s": round(build_s, 1),
         "copy_tb_per_s": r.copy_bw / 1e12, "bytes_per_step": nbytes,
         "tpot_ms": tpot, "step_gpu_ms": step_ms, "host_gap_ms": tpot - step_ms,

@@ -1,0 +1,50 @@
+"""`kernels.decode_attention` against the model's own `attend` (RoPE, cache write, SDPA) for one
+case; prints the largest differences as JSON, exits 1 past the tolerance. Run as
+`python -m tests.kernel_check '{"B": 2, ...}'` (with TRITON_INTERPRET=1 on CPU); test_kernels.py
+and test_gpu.py drive it."""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+from overlap import kernels
+from overlap.model import attend
+
+
+def check(B: int, H: int, KV: int, D: int, T: int, pos: int, dtype: str = "float32", device: str = "cpu",
+          seed: int = 0) -> dict:
+    dt, dev = getattr(torch, dtype), torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    qkv = torch.randn(B, 1, (H + 2 * KV) * D, generator=g).to(dev, dt)
+    cache = [torch.randn(B, KV, T, D, generator=g).to(dev, dt) for _ in range(2)]
+    inv = 1.0 / (500000.0 ** (torch.arange(0, D, 2, dtype=torch.float32, device=dev) / D))
+    ang = torch.outer(torch.arange(T, device=dev, dtype=torch.float32), inv)
+    ang = torch.cat([ang, ang], dim=-1)
+    cos, sin = ang.cos().to(dt), ang.sin().to(dt)
+    p = torch.tensor([pos], device=dev)
+    # Reference: the model's path (keys past `pos` hold garbage and must be masked out).
+    kr, vr = (c.clone() for c in cache)
+    visible = torch.arange(T, device=dev)[None, :] <= p[:, None]
+    mask = torch.zeros(visible.shape, device=dev, dtype=dt).masked_fill_(~visible, float("-inf"))
+    ref = attend(qkv, kr, vr, cos[p][None, :, None, :], sin[p][None, :, None, :], p,
+                 mask.repeat(H // KV, 1), H, KV, D).reshape(B, -1)
+    kk, vk = (c.clone() for c in cache)
+    got = kernels.decode_attention(qkv, cos, sin, p, kk, vk, H, KV)
+    err = lambda a, b: (a.float() - b.float()).abs().max().item()  # noqa: E731
+    return {"out": err(got, ref), "k_cache": err(kk, kr), "v_cache": err(vk, vr),
+            "untouched_rows_equal": bool(torch.equal(kk[:, :, :pos], kr[:, :, :pos]))}
+
+
+def main() -> int:
+    case = json.loads(sys.argv[1])
+    tol = case.pop("tol", 1e-4)
+    res = check(**case)
+    print(json.dumps(res))
+    ok = res["out"] <= tol and res["k_cache"] <= tol and res["v_cache"] <= tol and res["untouched_rows_equal"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""The fused decode-attention Triton kernel (overlap/kernels.py): against the model's own RoPE + cache
+write + SDPA, on CPU through Triton's interpreter (fp32: the interpreter has no bfloat16 arithmetic)
+and on a CUDA GPU (fp32 and bf16); and inside the engine, the tokens of the SDPA path."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from overlap.config import PRESETS
+from overlap.engine import visible_gpus
+from overlap.generate import random_prompts
+
+triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[dev]' installs it)")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+INTERPRET = {**os.environ, "TRITON_INTERPRET": "1"}
+# (batch, query heads, KV heads, head dim, cache length, position): tiny's and Llama-3-8B's shapes, a
+# non-power-of-two head dim and group (3 query heads per KV head), the first and the last position,
+# a position inside the second key block.
+CASES = [(2, 8, 4, 16, 48, 37), (1, 32, 8, 128, 256, 200), (3, 6, 2, 24, 70, 0), (1, 4, 4, 64, 130, 129),
+         (2, 8, 2, 64, 130, 64)]
+
+
+def _case(c, **kw) -> dict:
+    return dict(zip(("B", "H", "KV", "D", "T", "pos"), c), **kw)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}-KV{}-D{}-T{}-pos{}".format(*c))
+def test_kernel_matches_the_model_on_cpu(case):
+    r = subprocess.run([sys.executable, "-m", "tests.kernel_check", json.dumps(_case(case))], cwd=ROOT,
+                       env=INTERPRET, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+
+
+def test_engine_tokens_match_sdpa(engine_factory, monkeypatch):
+    """TP=2 over gloo, batch 3, and `pipeline` (the kernel on batch slices of the cache): the tokens
+    of SDPA decode attention."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the rank processes inherit it
+    prompts = random_prompts(3, 5, PRESETS["tiny"].vocab_size, 4)
+    want = engine_factory(tp=2, batch_sizes=(3,), max_seq=14, decode_attention="sdpa").generate(prompts, 9).tokens
+    for overlap in ("none", "pipeline"):
+        eng = engine_factory(tp=2, batch_sizes=(3,), max_seq=14, decode_attention="triton", overlap=overlap)
+        assert eng.describe()["decode_attention"] == "triton"
+        assert eng.generate(prompts, 9).tokens == want, overlap
+        eng.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(visible_gpus() < 1, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 3e-2)])
+def test_kernel_matches_the_model_on_gpu(dtype, tol):
+    from tests.kernel_check import check
+
+    for c in CASES:
+        res = check(**_case(c, dtype=dtype, device="cuda"))
+        assert res["untouched_rows_equal"], (c, res)
+        assert max(res["out"], res["k_cache"], res["v_cache"]) <= tol, (c, res)
