@@ -261,6 +261,8 @@ class TPLlama:
         self.key_pos = torch.arange(max_seq, device=self.device)
         self.fns = compiled_blocks() if compile else EAGER
         self.decode_attention = kernels.choose(decode_attention, self.device)
+        # The decode-attention kernel's finished-block counters: zeros that each call leaves at zero.
+        self.attn_counters = torch.zeros(max_batch * self.n_kv, dtype=torch.int32, device=self.device)
 
     # -- sizes for bandwidth accounting --------------------------------------------------------------
     def weight_bytes_per_step(self) -> int:
@@ -287,7 +289,8 @@ class TPLlama:
         kc, vc, eps = L.k_cache[b0:b1], L.v_cache[b0:b1], self.cfg.rms_norm_eps
         if self.decode_attention == "triton" and x.shape[1] == 1:  # one new token per sequence
             x, qkv = self.fns.qkv(x, delta, L.attn_norm, L.wqkv, eps)
-            y = kernels.decode_attention(qkv, self.cos, self.sin, pos, kc, vc, self.n_heads, self.n_kv)
+            y = kernels.decode_attention(qkv, self.cos, self.sin, pos, kc, vc, self.n_heads, self.n_kv,
+                                         self.attn_counters)
             return x, self.fns.down(y.view(x.shape[0], 1, -1), L.wo)
         return self.fns.attn(x, delta, L.attn_norm, L.wqkv, L.wo, kc, vc, cos, sin, pos, mask,
                              self.n_heads, self.n_kv, self.hd, eps)

@@ -31,10 +31,12 @@ def check(B: int, H: int, KV: int, D: int, T: int, pos: int, dtype: str = "float
     ref = attend(qkv, kr, vr, cos[p][None, :, None, :], sin[p][None, :, None, :], p,
                  mask.repeat(H // KV, 1), H, KV, D).reshape(B, -1)
     kk, vk = (c.clone() for c in cache)
-    got = kernels.decode_attention(qkv, cos, sin, p, kk, vk, H, KV)
+    counters = torch.zeros(B * KV, dtype=torch.int32, device=dev)
+    got = kernels.decode_attention(qkv, cos, sin, p, kk, vk, H, KV, counters)
     err = lambda a, b: (a.float() - b.float()).abs().max().item()  # noqa: E731
     return {"out": err(got, ref), "k_cache": err(kk, kr), "v_cache": err(vk, vr),
-            "untouched_rows_equal": bool(torch.equal(kk[:, :, :pos], kr[:, :, :pos]))}
+            "untouched_rows_equal": bool(torch.equal(kk[:, :, :pos], kr[:, :, :pos])),
+            "counters_back_to_zero": not bool(counters.any())}
 
 
 def main() -> int:
@@ -42,7 +44,7 @@ def main() -> int:
     tol = case.pop("tol", 1e-4)
     res = check(**case)
     print(json.dumps(res))
-    ok = res["out"] <= tol and res["k_cache"] <= tol and res["v_cache"] <= tol and res["untouched_rows_equal"]
+    ok = res["out"] <= tol and res["k_cache"] <= tol and res["v_cache"] <= tol and res["untouched_rows_equal"] and res["counters_back_to_zero"]
     return 0 if ok else 1
 
 
