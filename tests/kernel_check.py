@@ -1,7 +1,7 @@
 """`kernels.decode_attention` against the model's own `attend` (RoPE, cache write, SDPA) for one
-case; prints the largest differences as JSON, exits 1 past the tolerance. Run as
-`python -m tests.kernel_check '{"B": 2, ...}'` (with TRITON_INTERPRET=1 on CPU); test_kernels.py
-and test_gpu.py drive it."""
+case; prints the largest differences (relative to the largest value) as JSON, exits 1 past the
+tolerance. Run as `python -m tests.kernel_check '{"B": 2, ...}'` (with TRITON_INTERPRET=1 on CPU);
+tests/test_kernels.py drives it."""
 from __future__ import annotations
 
 import json
@@ -33,7 +33,8 @@ def check(B: int, H: int, KV: int, D: int, T: int, pos: int, dtype: str = "float
     kk, vk = (c.clone() for c in cache)
     counters = torch.zeros(B * KV, dtype=torch.int32, device=dev)
     got = kernels.decode_attention(qkv, cos, sin, p, kk, vk, H, KV, counters)
-    err = lambda a, b: (a.float() - b.float()).abs().max().item()  # noqa: E731
+    # Largest difference relative to the largest value: bf16 rounds RoPE once here, twice in the model.
+    err = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
     return {"out": err(got, ref), "k_cache": err(kk, kr), "v_cache": err(vk, vr),
             "untouched_rows_equal": bool(torch.equal(kk[:, :, :pos], kr[:, :, :pos])),
             "counters_back_to_zero": not bool(counters.any())}
@@ -41,10 +42,11 @@ def check(B: int, H: int, KV: int, D: int, T: int, pos: int, dtype: str = "float
 
 def main() -> int:
     case = json.loads(sys.argv[1])
-    tol = case.pop("tol", 1e-4)
+    tol = case.pop("tol", 1e-5)
     res = check(**case)
     print(json.dumps(res))
-    ok = res["out"] <= tol and res["k_cache"] <= tol and res["v_cache"] <= tol and res["untouched_rows_equal"] and res["counters_back_to_zero"]
+    ok = max(res["out"], res["k_cache"], res["v_cache"]) <= tol and res["untouched_rows_equal"] \
+        and res["counters_back_to_zero"]
     return 0 if ok else 1
 
 
