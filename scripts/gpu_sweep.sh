@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One batch of GPU work for the device machine: smoke checks, then benchmark sweeps, results under
-# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline compile prefetch tp overlap overlap70 tp70 peer
+# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline compile anatomy prefetch tp overlap
+# overlap70 tp70 peer gate trace
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
@@ -23,11 +24,16 @@ for stage in "$@"; do
         timeout 120 $PY -m overlap.generate --model llama3-1b --tp 2 --device cuda --batch-size 4 \
           --prompt-len 32 --max-tokens 16 --allreduce $ar | cut -c1-300
       done
-      $PY -m pytest tests/test_gpu.py -q -rs -p no:cacheprovider ;;
+      $PY -m pytest tests -m gpu -q -rs -p no:cacheprovider ;;
     baseline) $B -m baseline --model llama3-8b --batch-sizes 1 16 --benchmark-json $OUT/baseline-8b.json ;;
-    compile)  # the same baseline with the blocks under torch.compile, then both side by side
-      $B -m baseline --model llama3-8b --batch-sizes 1 16 --compile --benchmark-json $OUT/baseline-8b-compile.json
-      $PY -m llm_bench.cli compare $OUT/baseline-8b.json $OUT/baseline-8b-compile.json ;;
+    compile)  # the same baseline eager (no torch.compile, SDPA attention), then both side by side
+      $B -m baseline --model llama3-8b --batch-sizes 1 16 --no-compile --decode-attention sdpa \
+        --benchmark-json $OUT/baseline-8b-eager.json
+      $PY -m llm_bench.cli compare $OUT/baseline-8b-eager.json $OUT/baseline-8b.json ;;
+    anatomy)  # where a TP=1 decode step's time goes, per engine variant (scripts/step_anatomy.py)
+      for v in "eager --decode-attention sdpa" "compile --decode-attention sdpa" "compile --decode-attention triton"; do
+        $PY scripts/step_anatomy.py --variant $v | tee -a $OUT/anatomy.jsonl | cut -c1-400
+      done ;;
     prefetch)  # how much of the next weight to pull into L2 per all-reduce (default half of L2 lost 5-6%)
       for mb in ${PREFETCH_MB:-2 4 8 16}; do
         $B -m overlap --model llama3-8b --tp-sizes ${OVERLAP_TPS:-2} --batch-sizes 1 --overlap-modes none prefetch \

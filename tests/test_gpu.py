@@ -20,6 +20,7 @@ STREAMS = {"none": 0, "double_buffer": 0, "pipeline": 1, "prefetch": 2, "full": 
 
 
 def _engine(tp: int = 2, **kw) -> TPEngine:
+    kw.setdefault("compile", False)  # these check streams, memory and collectives; --compile has its own test
     return TPEngine(EngineConfig(model="tiny", tp=tp, device="cuda", batch_sizes=(4,), max_seq=48,
                                  timeout_s=180, **kw))
 
