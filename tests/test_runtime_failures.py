@@ -65,6 +65,21 @@ def test_generate_cli_reports_refusal(capsys):
     assert "does not divide" in capsys.readouterr().err
 
 
+def test_triton_decode_attention_where_it_cannot_run_is_refused(capsys, monkeypatch):
+    """Asked for by name, the Triton kernel is never silently replaced by SDPA; `auto` falls back."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert generate_main(["--model", "tiny", "--decode-attention", "triton", "--max-tokens", "2"]) == 2
+    assert "--decode-attention triton cannot run here" in capsys.readouterr().err
+    with TPEngine(EngineConfig(model="tiny", max_seq=8)) as eng:
+        assert eng.describe()["decode_attention"] == "sdpa"
+
+
+def test_compile_defaults_to_on_for_cuda_only():
+    assert EngineConfig(device="cpu").resolved().compile is False  # a C++ compiler and minutes on CPU
+    assert EngineConfig(device="cuda").resolved().compile is True
+    assert EngineConfig(device="cuda", compile=False).resolved().compile is False
+
+
 def test_killed_rank_mid_generation_is_reported_and_reaped():
     eng = TPEngine(EngineConfig(model="tiny", tp=2, max_seq=1100, timeout_s=60))
     pids = eng.describe()["pids"]
