@@ -20,9 +20,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INTERPRET = {**os.environ, "TRITON_INTERPRET": "1"}
 # (batch, query heads, KV heads, head dim, cache length, position): tiny's and Llama-3-8B's shapes, a
 # non-power-of-two head dim and group (3 query heads per KV head), the first and the last position,
-# a position inside the second key block.
+# a position inside the second key block, a long cache (9 blocks of keys: three combine passes).
 CASES = [(2, 8, 4, 16, 48, 37), (1, 32, 8, 128, 256, 200), (3, 6, 2, 24, 70, 0), (1, 4, 4, 64, 130, 129),
-         (2, 8, 2, 64, 130, 64)]
+         (2, 8, 2, 64, 130, 64), (2, 8, 2, 64, 600, 555)]
 
 
 def _case(c, **kw) -> dict:
