@@ -54,7 +54,7 @@ if triton is not None:
         s_qkv_b, s_kc_b, s_kc_h, s_kc_t, s_vc_b, s_vc_h, s_vc_t, s_out_b,
         n_heads, n_kv, n_split, scale,
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_T: tl.constexpr, COMBINE: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
     ):
         pid = tl.program_id(0)  # (sequence, KV head)
         split = tl.program_id(1)  # which BLOCK_T keys
@@ -125,24 +125,18 @@ if triton is not None:
                 acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
                 i = 0
                 while i < n_active:  # a while: Triton's interpreter can't take range() of a loaded value
-                    # COMBINE blocks' partials per pass, loaded together: one pass for a 256-token cache
-                    # (a pass per block waited on one L2 round trip after another).
-                    j = i + tl.arange(0, COMBINE)
-                    jm = j < n_active
-                    at = (pid * n_split + j) * G
-                    m2 = jm[:, None] & gm[None, :]
-                    mi = tl.load(part_m + at[:, None] + g[None, :], mask=m2, other=0.0, cache_modifier=".cg")
-                    mi = tl.where(jm[:, None], mi, float("-inf"))
-                    li = tl.load(part_l + at[:, None] + g[None, :], mask=m2, other=0.0, cache_modifier=".cg")
-                    oi = tl.load(part_o + (at[:, None, None] + g[None, :, None]) * D + d[None, None, :],
-                                 mask=m2[:, :, None] & dm[None, None, :], other=0.0, cache_modifier=".cg")
-                    mn = tl.maximum(mx, tl.max(mi, axis=0))
-                    w = tl.exp(mi - mn[None, :])
+                    at = (pid * n_split + i) * G
+                    mi = tl.load(part_m + at + g, mask=gm, other=0.0, cache_modifier=".cg")
+                    li = tl.load(part_l + at + g, mask=gm, other=0.0, cache_modifier=".cg")
+                    oi = tl.load(part_o + (at + g[:, None]) * D + d[None, :], mask=qm, other=0.0,
+                                 cache_modifier=".cg")
+                    mn = tl.maximum(mx, mi)
                     a_old = tl.exp(mx - mn)
-                    den = den * a_old + tl.sum(li * w, axis=0)
-                    acc = acc * a_old[:, None] + tl.sum(oi * w[:, :, None], axis=0)
+                    a_new = tl.exp(mi - mn)
+                    den = den * a_old + li * a_new
+                    acc = acc * a_old[:, None] + oi * a_new[:, None]
                     mx = mn
-                    i += COMBINE
+                    i += 1
                 res = acc / tl.where(gm, den, 1.0)[:, None]  # padded rows: 0/0 otherwise
                 tl.store(out + b * s_out_b + (h * G + g[:, None]) * D + d[None, :], res.to(out.dtype.element_ty),
                          mask=qm)
@@ -182,5 +176,5 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0),
         n_heads, n_kv, n_split, D ** -0.5,
         G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_T=BLOCK_T, COMBINE=4, IEEE=qkv.dtype == torch.float32, num_warps=4)
+        BLOCK_T=BLOCK_T, IEEE=qkv.dtype == torch.float32, num_warps=4)
     return out
