@@ -120,9 +120,11 @@ def compiled_blocks() -> Blocks:
     import torch._inductor.config as inductor
 
     cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):  # one entry per shape: batches, prompt lengths
+    # One entry per shape (every projection x decode/prefill x batch size x pipeline chunk): past the
+    # limit Dynamo would fall back to eager for new shapes without failing, a silent slowdown.
+    for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 64))
+            setattr(cfg, name, max(getattr(cfg, name), 1024))
     inductor.coordinate_descent_tuning = True
     return Blocks(*(torch.compile(f, fullgraph=True, dynamic=False) for f in EAGER))
 
