@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batch of GPU work for the device machine: smoke checks, then benchmark sweeps, results under
-# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline compile anatomy prefetch tp overlap
+# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline compile anatomy attn-tune prefetch tp overlap
 # overlap70 tp70 peer gate trace
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +34,8 @@ for stage in "$@"; do
       for v in "eager --decode-attention sdpa" "compile --decode-attention sdpa" "compile --decode-attention triton"; do
         $PY scripts/step_anatomy.py --variant $v | tee -a $OUT/anatomy.jsonl | cut -c1-400
       done ;;
+    attn-tune)  # the decode-attention kernel alone: keys per block x warps, beside the SDPA path
+      $PY scripts/tune_decode_attention.py | tee $OUT/attn-tune.jsonl ;;
     prefetch)  # how much of the next weight to pull into L2 per all-reduce (default half of L2 lost 5-6%)
       for mb in ${PREFETCH_MB:-2 4 8 16}; do
         $B -m overlap --model llama3-8b --tp-sizes ${OVERLAP_TPS:-2} --batch-sizes 1 --overlap-modes none prefetch \

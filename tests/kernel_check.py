@@ -14,7 +14,7 @@ from overlap.model import attend
 
 
 def check(B: int, H: int, KV: int, D: int, T: int, pos: int, dtype: str = "float32", device: str = "cpu",
-          seed: int = 0) -> dict:
+          seed: int = 0, block_t: int = kernels.BLOCK_T) -> dict:
     dt, dev = getattr(torch, dtype), torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     qkv = torch.randn(B, 1, (H + 2 * KV) * D, generator=g).to(dev, dt)
@@ -32,7 +32,7 @@ def check(B: int, H: int, KV: int, D: int, T: int, pos: int, dtype: str = "float
                  mask.repeat(H // KV, 1), H, KV, D).reshape(B, -1)
     kk, vk = (c.clone() for c in cache)
     counters = torch.zeros(B * KV, dtype=torch.int32, device=dev)
-    got = kernels.decode_attention(qkv, cos, sin, p, kk, vk, H, KV, counters)
+    got = kernels.decode_attention(qkv, cos, sin, p, kk, vk, H, KV, counters, block_t=block_t)
     # Largest difference relative to the largest value: bf16 rounds RoPE once here, twice in the model.
     err = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
     return {"out": err(got, ref), "k_cache": err(kk, kr), "v_cache": err(vk, vr),

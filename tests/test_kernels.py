@@ -29,11 +29,21 @@ def _case(c, **kw) -> dict:
     return dict(zip(("B", "H", "KV", "D", "T", "pos"), c), **kw)
 
 
+def _check_in_interpreter(case: dict) -> None:
+    r = subprocess.run([sys.executable, "-m", "tests.kernel_check", json.dumps(case)], cwd=ROOT,
+                       env=INTERPRET, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, (case, r.stdout + r.stderr[-3000:])
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "B{}-H{}-KV{}-D{}-T{}-pos{}".format(*c))
 def test_kernel_matches_the_model_on_cpu(case):
-    r = subprocess.run([sys.executable, "-m", "tests.kernel_check", json.dumps(_case(case))], cwd=ROOT,
-                       env=INTERPRET, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    _check_in_interpreter(_case(case))
+
+
+def test_kernel_with_other_key_blocks_on_cpu():
+    """The block sizes scripts/tune_decode_attention.py sweeps (16 and 128 keys per block)."""
+    for block_t in (16, 128):
+        _check_in_interpreter(_case((2, 8, 2, 32, 300, 250), block_t=block_t))
 
 
 def test_engine_tokens_match_sdpa(engine_factory, monkeypatch):
