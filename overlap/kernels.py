@@ -8,10 +8,12 @@ one kernel per layer: each (sequence, KV head) is split over blocks of keys, one
 that read the cache once for all G query heads sharing it (GQA) and skip the keys past the current
 position; the last block to finish combines the partial softmaxes (flash-decoding, in one launch).
 
-Triton is optional: `available()` says whether it can run here. On CPU the tests run it through
+Triton is optional: `choose()` says which decode attention runs here. On CPU the tests run it through
 Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -29,8 +31,6 @@ def unavailable_reason(device: torch.device) -> str | None:
     """Why `decode_attention` cannot run on `device` in this process (None: it can)."""
     if triton is None:
         return "Triton is not installed (pip install triton)"
-    import os
-
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return f"Triton kernels need a CUDA device here, not {device.type} (TRITON_INTERPRET=1 runs them on CPU)"
     return None

@@ -262,9 +262,16 @@ class TPLlama:
         return 2 * self.cfg.num_layers * self.n_kv * self.hd * self.dtype.itemsize
 
     # -- the forward pass ----------------------------------------------------------------------------
+    def _decode_kernel(self, seq_len: int) -> bool:
+        """Whether attention over `seq_len` new positions runs in kernels.decode_attention."""
+        return self.decode_attention == "triton" and seq_len == 1
+
     def _rope_and_mask(self, pos: torch.Tensor):
         """Per forward pass, not per layer: RoPE tables at `pos` and the causal mask over the static
-        cache, repeated for the folded GQA query heads."""
+        cache, repeated for the folded GQA query heads. The decode kernel reads the whole tables and
+        `pos` itself: building them would be ~6 kernels per step for nothing."""
+        if self._decode_kernel(len(pos)):
+            return None, None, pos, None
         cos, sin = self.cos[pos][None, :, None, :], self.sin[pos][None, :, None, :]
         visible = self.key_pos[None, :] <= pos[:, None]  # [S, max_seq]
         mask = torch.zeros(visible.shape, device=self.device, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
@@ -275,7 +282,7 @@ class TPLlama:
         kc, vc = L.k_cache[b0:b1], L.v_cache[b0:b1]
         x, h = f.norm(x, delta, L.attn_norm, self.cfg.rms_norm_eps)
         qkv = f.matvec(h, L.wqkv)
-        if self.decode_attention == "triton" and x.shape[1] == 1:  # one new token per sequence
+        if self._decode_kernel(x.shape[1]):
             y = kernels.decode_attention(qkv, self.cos, self.sin, pos, kc, vc, self.n_heads, self.n_kv,
                                          self.attn_counters).view(x.shape[0], 1, -1)
         else:

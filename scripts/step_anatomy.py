@@ -14,9 +14,11 @@ import collections
 import json
 import statistics
 import time
+from dataclasses import asdict
 
 import torch
 
+from overlap.engine import EngineConfig
 from overlap.generate import random_prompts
 from overlap.runner import Runner
 
@@ -87,11 +89,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=128)
     a = ap.parse_args()
     b, p, n = a.batch_size, a.prompt_len, a.max_tokens
-    torch._dynamo.config.recompile_limit = 64
-    spec = dict(model=a.model, dtype="bfloat16", allreduce="auto", overlap="none", num_streams=2,
-                prefetch_bytes=None, max_batch=b, max_seq=p + n, seed=0, compile=a.variant != "eager",
-                cuda_graphs=True, copy_bw=None, batch_sizes=[],
-                decode_attention=a.decode_attention)
+    cfg = EngineConfig(model=a.model, device="cuda", batch_sizes=(), max_seq=p + n,
+                       compile=a.variant != "eager", decode_attention=a.decode_attention).resolved()
+    spec = {**asdict(cfg), "max_batch": b}  # what the engine sends its ranks, without the processes
     t0 = time.time()
     r = Runner(0, 1, torch.device("cuda", 0), spec)
     if a.variant == "compile-nocdt":

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 
 import torch
 
 from overlap import kernels
 from overlap.config import resolve_model
 from overlap.model import attend
+from step_anatomy import replay_ms  # scripts/ is on sys.path when run as a script
 
 
-def per_call_us(fn, calls: int = 200, reps: int = 10) -> float:
+def per_call_us(fn, calls: int = 200) -> float:
+    """Median us per call of `fn` over a CUDA graph of `calls` calls (warmed up on a side stream)."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -31,15 +32,7 @@ def per_call_us(fn, calls: int = 200, reps: int = 10) -> float:
     with torch.cuda.graph(g):
         for _ in range(calls):
             fn()
-    times = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        e.synchronize()
-        times.append(s.elapsed_time(e) * 1e3 / calls)
-    return statistics.median(times)
+    return replay_ms(g.replay, 10) * 1e3 / calls
 
 
 def main() -> None:
