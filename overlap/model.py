@@ -81,11 +81,19 @@ def attend(qkv, kc, vc, cos, sin, pos, mask, n_heads: int, n_kv: int, hd: int):
     return y.reshape(B, n_heads, S, hd).transpose(1, 2).reshape(B, S, nq)
 
 
-def swiglu(gate_up, inter: int):
-    """SiLU(gate) * up over the fused gate/up projection's output. Its own block: compiled with the
-    down projection, Inductor fuses it into the down GEMV's loads and recomputes it for every output
-    row (measured on H200: 55 instead of 29 us per layer)."""
-    g, u = gate_up.split(inter, dim=-1)
+def swiglu_up(h, w13, inter: int):
+    """SiLU(h @ gate.T) * (h @ up.T) with the fused gate/up weight `w13` [2 * inter, hidden].
+
+    Its own block, apart from the down projection: compiled together, Inductor fused SiLU*mul into
+    the down GEMV's loads and recomputed it for every output row (measured on H200: 55 instead of
+    29 us per layer). At one row (batch-1 decode) the two halves are separate products: under
+    --compile each becomes a multiply-reduce over the same input, which Inductor fuses into one
+    kernel with SiLU*mul as its epilogue (one kernel per layer instead of a GEMV plus a pointwise
+    one). With more rows they are GEMMs, which take no epilogue: one GEMM over both halves."""
+    if h.numel() == h.shape[-1]:
+        g, u = matvec(h, w13[:inter]), matvec(h, w13[inter:])
+    else:
+        g, u = matvec(h, w13).split(inter, dim=-1)
     return F.silu(g) * u
 
 
@@ -100,11 +108,11 @@ class Blocks(NamedTuple):
     norm: Callable
     matvec: Callable
     attend: Callable
-    swiglu: Callable
+    swiglu_up: Callable
     greedy: Callable
 
 
-EAGER = Blocks(add_rms_norm, matvec, attend, swiglu, greedy_local)
+EAGER = Blocks(add_rms_norm, matvec, attend, swiglu_up, greedy_local)
 
 
 def compiled_blocks() -> Blocks:
@@ -292,7 +300,7 @@ class TPLlama:
     def _mlp(self, L: Layer, x: torch.Tensor, delta):
         f = self.fns
         x, h = f.norm(x, delta, L.ffn_norm, self.cfg.rms_norm_eps)
-        return x, f.matvec(f.swiglu(f.matvec(h, L.w13), self.inter), L.w2)
+        return x, f.matvec(f.swiglu_up(h, L.w13, self.inter), L.w2)
 
     def _next_weight(self, li: int, sub: int) -> torch.Tensor | None:
         """The weight the GEMM right after sublayer `sub` (0 attn, 1 mlp) of layer `li` reads."""

@@ -4,8 +4,12 @@ per step and the top kernels (torch.profiler), and the matrix-vector products al
 (the bandwidth ceiling of this variant's GEMVs). Prints one JSON object.
 
     python scripts/step_anatomy.py --model llama3-8b --variant eager|compile|compile-nocdt [--decode-attention triton]
+        [--split-swiglu] [--attn-block-t N --attn-warps N]
 
 `compile-nocdt` is --compile without coordinate-descent tuning (GEMVs stay cuBLAS calls).
+`--split-swiglu` runs the gate/up projection as one GEMV and SiLU*mul as its own kernel (the engine
+before the two were fused at batch 1), for an A/B on one machine. `--attn-block-t`/`--attn-warps` set
+the decode-attention kernel's shape (scripts/tune_decode_attention.py measures it alone).
 """
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ from dataclasses import asdict
 
 import torch
 
+from overlap import kernels as attn_kernels
 from overlap.engine import EngineConfig
 from overlap.generate import random_prompts
+from overlap.model import matvec
 from overlap.runner import Runner
 
 
@@ -87,7 +93,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--split-swiglu", action="store_true")
+    ap.add_argument("--attn-block-t", type=int)
+    ap.add_argument("--attn-warps", type=int)
     a = ap.parse_args()
+    attn_kernels.BLOCK_T = a.attn_block_t or attn_kernels.BLOCK_T
+    attn_kernels.NUM_WARPS = a.attn_warps or attn_kernels.NUM_WARPS
     b, p, n = a.batch_size, a.prompt_len, a.max_tokens
     cfg = EngineConfig(model=a.model, device="cuda", batch_sizes=(), max_seq=p + n,
                        compile=a.variant != "eager", decode_attention=a.decode_attention).resolved()
@@ -97,6 +108,13 @@ def main() -> None:
     if a.variant == "compile-nocdt":
         import torch._inductor.config as inductor
         inductor.coordinate_descent_tuning = False
+    if a.split_swiglu:
+        def split(h, w13, inter):
+            g, u = matvec(h, w13).split(inter, dim=-1)
+            return torch.nn.functional.silu(g) * u
+        if a.variant != "eager":
+            split = torch.compile(split, fullgraph=True, dynamic=False)
+        r.model.fns = r.model.fns._replace(swiglu_up=split)
     t1 = time.time()
     steps = r._graph(b, False)
     build_s = time.time() - t1
@@ -113,7 +131,8 @@ def main() -> None:
     kern = kernels(round_, n - 1)
     nbytes = r.model.weight_bytes_per_step() + r.model.kv_bytes_per_token() * (p + n // 2) * b
     out = {
-        "variant": a.variant, "decode_attention": a.decode_attention, "model": a.model, "batch": b, "gpu": torch.cuda.get_device_name(0),
+        "variant": a.variant, "decode_attention": a.decode_attention, "split_swiglu": a.split_swiglu,
+        "attn_block_t": attn_kernels.BLOCK_T, "attn_warps": attn_kernels.NUM_WARPS, "model": a.model, "batch": b, "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__, "setup_s": round(t1 - t0, 1), "graph_build_s": round(build_s, 1),
         "copy_tb_per_s": r.copy_bw / 1e12, "bytes_per_step": nbytes,
         "tpot_ms": tpot, "step_gpu_ms": step_ms, "host_gap_ms": tpot - step_ms,
