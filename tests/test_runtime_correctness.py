@@ -11,7 +11,7 @@ import torch
 
 from overlap.config import PRESETS, resolve_model
 from overlap.generate import random_prompts
-from overlap.model import WeightSource
+from overlap.model import WeightSource, greedy_local
 
 SEED = 3
 # fp32 on CPU: differences come from summation order only, far below this.
@@ -85,6 +85,21 @@ def test_compiled_blocks_give_the_eager_tokens_and_logits(engine_factory):
     np.testing.assert_allclose(compiled.logits(prompts), eager.logits(prompts), atol=LOGIT_ATOL, rtol=0)
     eager.close()
     compiled.close()
+
+
+@pytest.mark.parametrize("vocab", [1024, 128256, 64128, 50257])  # tiny, Llama-3 at TP=1 and 2, a prime
+def test_greedy_in_vocabulary_blocks_is_the_plain_max(vocab):
+    """greedy_local's two-level max: the values and indices of one max over the logits, ties to the
+    lowest index (the best column copied to the last one)."""
+    g = torch.Generator().manual_seed(vocab)
+    h, w = torch.randn(3, 1, 32, generator=g), torch.randn(vocab, 32, generator=g)
+    want = (h @ w.t()).max(dim=-1)
+    w[-1] = w[want.indices[0, 0]]
+    for x in (h, h[:1]):
+        val, idx = greedy_local(x, w)
+        ref = (x @ w.t()).max(dim=-1)
+        assert torch.equal(val, ref.values) and torch.equal(idx, ref.indices)
+    assert greedy_local(h[:1], w)[1].item() == want.indices[0, 0].item()
 
 
 def test_checkpoint_directory_loads_and_shards(engine_factory, tiny_state, tmp_path):
