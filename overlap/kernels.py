@@ -149,7 +149,7 @@ NUM_WARPS = 4  # measured: 6.4 us per call on H100 for 8B's shapes at bs1 (scrip
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int,
-                     counters: torch.Tensor, block_t: int = BLOCK_T, num_warps: int = NUM_WARPS) -> torch.Tensor:
+                     counters: torch.Tensor, block_t: int | None = None, num_warps: int | None = None) -> torch.Tensor:
     """Attention output [B, n_heads * D] for one new token per sequence.
 
     `qkv` [B, (n_heads + 2 n_kv) * D] is the QKV projection before RoPE, `cos`/`sin` the [max_seq, D]
@@ -160,6 +160,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
     each: a single one per head left 8 SMs waiting on loads in turn), and the last block to finish
     combines the partial softmaxes. `counters` (int32 zeros, >= B * n_kv, kept by the caller) counts
     the finished blocks; the combining block sets its counter back to zero."""
+    block_t, num_warps = block_t or BLOCK_T, num_warps or NUM_WARPS  # read at call time: tuning sets them
     B = qkv.shape[0]
     T, D = k_cache.shape[-2], k_cache.shape[-1]
     G = n_heads // n_kv

@@ -35,7 +35,7 @@ for stage in "$@"; do
         $PY scripts/step_anatomy.py --variant $v | tee -a $OUT/anatomy.jsonl | cut -c1-400
       done ;;
     attn-tune)  # the decode-attention kernel alone: keys per block x warps, beside the SDPA path
-      $PY scripts/tune_decode_attention.py | tee $OUT/attn-tune.jsonl ;;
+      for b in 1 16; do $PY scripts/tune_decode_attention.py --batch $b | tee -a $OUT/attn-tune.jsonl | cut -c1-200; done ;;
     prefetch)  # how much of the next weight to pull into L2 per all-reduce (default half of L2 lost 5-6%)
       for mb in ${PREFETCH_MB:-2 4 8 16}; do
         $B -m overlap --model llama3-8b --tp-sizes ${OVERLAP_TPS:-2} --batch-sizes 1 --overlap-modes none prefetch \
