@@ -132,11 +132,14 @@ def compiled_blocks() -> Blocks:
     stay outside (they run between the blocks), and the decode-step CUDA graph captures the compiled
     kernels like any others.
 
-    Coordinate-descent tuning is on because of what it changes at batch 1: Inductor then rewrites a
-    matrix-vector product as a multiply-reduce Triton kernel tuned per shape instead of a cuBLAS call
-    (see inductor/decomposition.py `mm`): measured on H200, 4.1-4.5 TB/s against cuBLAS's 3.0-4.2."""
+    Coordinate-descent tuning is on for the blocks with weight products because of what it changes
+    at batch 1: Inductor then rewrites a matrix-vector product as a multiply-reduce Triton kernel
+    tuned per shape instead of a cuBLAS call (see inductor/decomposition.py `mm`): measured on H200,
+    4.1-4.5 TB/s against cuBLAS's 3.0-4.2. It is off for the norm and attention blocks: in place, the
+    tuner's pick of the add+RMSNorm kernel took 2.2 to 4.0 us per call in different processes on H200
+    (64 calls per step: up to 0.13 ms); alone, three fresh compiles each took 1.6-2.0 us without the
+    tuning and 2.0-2.1 us with it (scripts/tune_norm.py, H200)."""
     import torch._dynamo
-    import torch._inductor.config as inductor
 
     cfg = torch._dynamo.config
     # One entry per shape (every projection x decode/prefill x batch size x pipeline chunk): past the
@@ -144,8 +147,12 @@ def compiled_blocks() -> Blocks:
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(cfg, name):
             setattr(cfg, name, max(getattr(cfg, name), 1024))
-    inductor.coordinate_descent_tuning = True
-    return Blocks(*(torch.compile(f, fullgraph=True, dynamic=False) for f in EAGER))
+
+    def comp(f, tuned: bool):
+        return torch.compile(f, fullgraph=True, dynamic=False,
+                             options={"coordinate_descent_tuning": True} if tuned else None)
+    return Blocks(norm=comp(add_rms_norm, False), matvec=comp(matvec, True), attend=comp(attend, False),
+                  swiglu_up=comp(swiglu_up, True), greedy=comp(greedy_local, True))
 
 
 class WeightSource:

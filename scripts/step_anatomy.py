@@ -1,12 +1,12 @@
 """Where one decode step's time goes, on one GPU at TP=1, for one engine variant: the step's GPU time
-(CUDA events around back-to-back graph replays, no host turn-around), the generate loop's TPOT, kernels
-per step and the top kernels (torch.profiler), and the matrix-vector products alone in one graph
-(the bandwidth ceiling of this variant's GEMVs). Prints one JSON object.
+(CUDA events around back-to-back graph replays, no host turn-around), the same step launched onto an
+idle GPU and waited for (`synced_*`, the shape of the `none` loop), the generate loop's TPOT (in
+--overlap's loop), kernels per step and the top kernels (torch.profiler), and the matrix-vector
+products alone in one graph (the bandwidth ceiling of this variant's GEMVs). Prints one JSON object.
 
-    python scripts/step_anatomy.py --model llama3-8b --variant eager|compile|compile-nocdt [--decode-attention triton]
-        [--split-swiglu] [--attn-block-t N --attn-warps N]
+    python scripts/step_anatomy.py --model llama3-8b --variant eager|compile [--decode-attention triton]
+        [--overlap none|double_buffer] [--split-swiglu] [--attn-block-t N --attn-warps N]
 
-`compile-nocdt` is --compile without coordinate-descent tuning (GEMVs stay cuBLAS calls).
 `--split-swiglu` runs the gate/up projection as one GEMV and SiLU*mul as its own kernel (the engine
 before the two were fused at batch 1), for an A/B on one machine. `--attn-block-t`/`--attn-warps` set
 the decode-attention kernel's shape (scripts/tune_decode_attention.py measures it alone).
@@ -63,14 +63,11 @@ def kernels(run, steps: int) -> dict:
                     for k, (n, t) in top]}
 
 
-def gemv_only(runner: Runner, b: int, compiled: bool) -> dict:
-    """Each weight GEMM kind alone (all layers' in one graph): us per call and bytes per second."""
+def gemv_only(runner: Runner, b: int) -> dict:
+    """Each weight GEMM kind alone (all layers' in one graph, through the engine's matvec block): us
+    per call and bytes per second."""
     m = runner.model
-
-    def mm(x, w):
-        return x @ w.t()
-    if compiled:
-        mm = torch.compile(mm, fullgraph=True, dynamic=False)
+    mm = m.fns.matvec
     out = {}
     kinds = {k: [getattr(L, k) for L in m.layers] for k in ("wqkv", "wo", "w13", "w2")}
     kinds["lm_head"] = [m.lm_head]
@@ -88,11 +85,12 @@ def gemv_only(runner: Runner, b: int, compiled: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="llama3-8b")
-    ap.add_argument("--variant", choices=("eager", "compile", "compile-nocdt"), default="eager")
+    ap.add_argument("--variant", choices=("eager", "compile"), default="eager")
     ap.add_argument("--decode-attention", choices=("sdpa", "triton"), default="sdpa")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--overlap", choices=("none", "double_buffer"), default="none")
     ap.add_argument("--split-swiglu", action="store_true")
     ap.add_argument("--attn-block-t", type=int)
     ap.add_argument("--attn-warps", type=int)
@@ -101,13 +99,11 @@ def main() -> None:
     attn_kernels.NUM_WARPS = a.attn_warps or attn_kernels.NUM_WARPS
     b, p, n = a.batch_size, a.prompt_len, a.max_tokens
     cfg = EngineConfig(model=a.model, device="cuda", batch_sizes=(), max_seq=p + n,
-                       compile=a.variant != "eager", decode_attention=a.decode_attention).resolved()
+                       compile=a.variant != "eager", decode_attention=a.decode_attention,
+                       overlap=a.overlap).resolved()
     spec = {**asdict(cfg), "max_batch": b}  # what the engine sends its ranks, without the processes
     t0 = time.time()
     r = Runner(0, 1, torch.device("cuda", 0), spec)
-    if a.variant == "compile-nocdt":
-        import torch._inductor.config as inductor
-        inductor.coordinate_descent_tuning = False
     if a.split_swiglu:
         def split(h, w13, inter):
             g, u = matvec(h, w13).split(inter, dim=-1)
@@ -127,19 +123,41 @@ def main() -> None:
         for i in range(n - 1):
             steps[i % 2]()
     step_ms = replay_ms(round_, 10, before=lambda: pos.fill_(p)) / (n - 1)
+
+    def synced(reps: int = 3) -> dict:
+        """The `none` loop's shape without its copies and token reads: launch one step, wait for it.
+        The host's time inside replay() and the step's GPU time when it starts from an idle GPU."""
+        call_us, gpu_ms, wall_ms = [], [], []
+        for _ in range(reps):
+            pos.fill_(p)
+            for i in range(n - 1):
+                s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                t0 = time.perf_counter_ns()
+                s.record()
+                steps[i % 2]()
+                t1 = time.perf_counter_ns()
+                e.record()
+                e.synchronize()
+                t2 = time.perf_counter_ns()
+                call_us.append((t1 - t0) / 1e3)
+                gpu_ms.append(s.elapsed_time(e))
+                wall_ms.append((t2 - t0) / 1e6)
+        med = statistics.median
+        return {"replay_call_us": med(call_us), "synced_step_gpu_ms": med(gpu_ms), "synced_step_wall_ms": med(wall_ms)}
+    sync = synced()
     pos.fill_(p)
     kern = kernels(round_, n - 1)
     nbytes = r.model.weight_bytes_per_step() + r.model.kv_bytes_per_token() * (p + n // 2) * b
     out = {
-        "variant": a.variant, "decode_attention": a.decode_attention, "split_swiglu": a.split_swiglu,
+        "variant": a.variant, "overlap": a.overlap, "decode_attention": a.decode_attention, "split_swiglu": a.split_swiglu,
         "attn_block_t": attn_kernels.BLOCK_T, "attn_warps": attn_kernels.NUM_WARPS, "model": a.model, "batch": b, "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__, "setup_s": round(t1 - t0, 1), "graph_build_s": round(build_s, 1),
         "copy_tb_per_s": r.copy_bw / 1e12, "bytes_per_step": nbytes,
         "tpot_ms": tpot, "step_gpu_ms": step_ms, "host_gap_ms": tpot - step_ms,
         "mbu_tpot": nbytes / (tpot / 1e3) / r.copy_bw, "mbu_step": nbytes / (step_ms / 1e3) / r.copy_bw,
-        "tokens_head": gens[-1]["tokens"][0][:16],
+        **sync, "tokens_head": gens[-1]["tokens"][0][:16],
         **kern,
-        "gemv_only": gemv_only(r, b, compiled=a.variant == "compile"),
+        "gemv_only": gemv_only(r, b),
     }
     print(json.dumps(out))
 
