@@ -144,7 +144,9 @@ if triton is not None:
 
 
 BLOCK_T = 64  # keys per thread block: the cache of one (sequence, KV head) is split over ceil(T/64) blocks
-NUM_WARPS = 4  # measured: 6.4 us per call on H100 for 8B's shapes at bs1 (scripts/tune_decode_attention.py sweeps)
+# Measured for 8B's shapes (scripts/tune_decode_attention.py): 6.4 us per call on H100 at bs1; on H200
+# 5.76 us at bs1 (best of 16 shapes 5.47) and 8.33 us at bs16 (best 7.6): kept for one shape everywhere.
+NUM_WARPS = 4
 
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
