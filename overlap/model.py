@@ -104,7 +104,7 @@ def greedy_local(h, lm_head):
     In two levels, over up to 256 equal blocks of the vocabulary and then over the blocks' maxima:
     Inductor runs a one-row max+argmax over 128K logits as one looped program (16 us per step on
     H200); the blocks run in parallel. Ties still go to the lowest index (first block, first in it)."""
-    logits = (h @ lm_head.t()).float()
+    logits = matvec(h, lm_head).float()
     n = logits.shape[-1]
     k = math.gcd(n, 256)
     if k == 1:
