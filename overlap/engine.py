@@ -33,6 +33,7 @@ class EngineConfig:
     cuda_graphs: bool = True
     compile: bool | None = None       # torch.compile the blocks (model.compiled_blocks); default: on for CUDA
     decode_attention: str = "auto"    # auto | triton | sdpa (kernels.choose)
+    gemv: str = "auto"                # batch-1 weight products: auto | triton | torch (overlap/gemv.py)
     gpu_ids: tuple | None = None      # visible GPU indices for ranks 0..tp-1 (default 0..tp-1)
     timeout_s: float = 300.0          # one request (and NCCL's own timeout)
     build_timeout_s: float = 1800.0   # start-up: weights, graphs
@@ -193,7 +194,7 @@ class TPEngine:
             "engine": self.name, "model": c.model, "tp": c.tp, "device": c.device, "overlap": c.overlap,
             "dtype": r0["dtype"], "allreduce": r0["allreduce"], "allreduce_requested": c.allreduce,
             "symm_error": r0["symm_error"], "cuda_graphs": r0["cuda_graphs"], "compiled": r0["compiled"],
-            "decode_attention": r0["decode_attention"], "prefetch_bytes": r0["prefetch_bytes"], "num_streams": c.num_streams,
+            "decode_attention": r0["decode_attention"], "gemv": r0["gemv"], "prefetch_bytes": r0["prefetch_bytes"], "num_streams": c.num_streams,
             "weight_bytes_per_step": r0["weight_bytes_per_step"], "kv_bytes_per_token": r0["kv_bytes_per_token"],
             "copy_bw_bytes_per_s": [r["copy_bw_bytes_per_s"] for r in self.ranks],
             "gpu_names": [r.get("gpu_name") for r in self.ranks if r.get("gpu_name")],

@@ -37,8 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-cuda-graphs", action="store_true")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                     help="torch.compile the blocks (default: on for cuda, off for cpu)")
-    ap.add_argument("--decode-attention", choices=kernels.CHOICES, default="auto",
+    ap.add_argument("--decode-attention", choices=kernels.CHOICES["--decode-attention"], default="auto",
                     help="decode attention: the fused Triton kernel, SDPA, or auto (Triton where it runs)")
+    ap.add_argument("--gemv", choices=kernels.CHOICES["--gemv"], default="auto",
+                    help="batch-1 weight products: the Triton GEMV with fixed configurations, torch's, or auto "
+                         "(Triton where it runs)")
     a = ap.parse_args(argv)
     from .config import resolve_model
 
@@ -47,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = EngineConfig(model=a.model, tp=a.tp, device=a.device, overlap=a.overlap, allreduce=a.allreduce,
                            batch_sizes=(a.batch_size,), max_seq=a.prompt_len + a.max_tokens, seed=a.seed,
                            num_streams=a.num_streams, cuda_graphs=not a.no_cuda_graphs, compile=a.compile,
-                           decode_attention=a.decode_attention,
+                           decode_attention=a.decode_attention, gemv=a.gemv,
                            prefetch_bytes=None if a.prefetch_mb is None else int(a.prefetch_mb * 2**20))
         with TPEngine(cfg) as eng:
             eng.check(a.batch_size, a.prompt_len, a.max_tokens)

@@ -8,7 +8,7 @@ one kernel per layer: each (sequence, KV head) is split over blocks of keys, one
 that read the cache once for all G query heads sharing it (GQA) and skip the keys past the current
 position; the last block to finish combines the partial softmaxes (flash-decoding, in one launch).
 
-Triton is optional: `choose()` says which decode attention runs here. On CPU the tests run it through
+Triton is optional: `choose()` says which decode attention (and which batch-1 GEMV, overlap/gemv.py) runs here. On CPU the tests run it through
 Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
@@ -24,7 +24,8 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-CHOICES = ("auto", "triton", "sdpa")
+# Per option, its choices: `auto`, the Triton kernel, and the torch path it replaces.
+CHOICES = {"--decode-attention": ("auto", "triton", "sdpa"), "--gemv": ("auto", "triton", "torch")}
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -36,15 +37,18 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def choose(choice: str, device: torch.device) -> str:
-    """The decode attention to use for --decode-attention `choice`: `auto` is the Triton kernel
-    wherever it can run, else SDPA; `triton` where it cannot is an error, not a silent fallback."""
-    if choice not in CHOICES:
-        raise ValueError(f"--decode-attention must be one of {', '.join(CHOICES)}, got {choice!r}")
-    why = None if choice == "sdpa" else unavailable_reason(device)
+def choose(option: str, choice: str, device: torch.device) -> str:
+    """The path to use for `option` (--decode-attention, --gemv) given `choice`: `auto` is the Triton
+    kernel wherever it can run, else the torch path; `triton` where it cannot is an error, not a
+    silent fallback."""
+    choices = CHOICES[option]
+    torch_path = choices[2]
+    if choice not in choices:
+        raise ValueError(f"{option} must be one of {', '.join(choices)}, got {choice!r}")
+    why = None if choice == torch_path else unavailable_reason(device)
     if choice == "triton" and why:
-        raise RuntimeError(f"--decode-attention triton cannot run here: {why}")
-    return "sdpa" if choice == "sdpa" or why else "triton"
+        raise RuntimeError(f"{option} triton cannot run here: {why}")
+    return torch_path if choice == torch_path or why else "triton"
 
 
 if triton is not None:

@@ -15,7 +15,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from . import kernels
+from . import gemv, kernels
 from .comm import Comm
 from .config import ModelConfig
 from .streams import StreamManager
@@ -97,14 +97,14 @@ def swiglu_up(h, w13, inter: int):
     return F.silu(g) * u
 
 
-def greedy_local(h, lm_head):
-    """This rank's vocabulary shard of the LM head reduced to each row's (max logit, local index):
-    greedy sampling never needs the whole logits.
+def greedy_local(logits):
+    """This rank's vocabulary shard of the logits reduced to each row's (max logit, local index):
+    greedy sampling never needs the whole logits gathered.
 
     In two levels, over up to 256 equal blocks of the vocabulary and then over the blocks' maxima:
     Inductor runs a one-row max+argmax over 128K logits as one looped program (16 us per step on
     H200); the blocks run in parallel. Ties still go to the lowest index (first block, first in it)."""
-    logits = matvec(h, lm_head).float()
+    logits = logits.float()
     n = logits.shape[-1]
     k = math.gcd(n, 256)
     if k == 1:
@@ -152,7 +152,18 @@ def compiled_blocks() -> Blocks:
         return torch.compile(f, fullgraph=True, dynamic=False,
                              options={"coordinate_descent_tuning": True} if tuned else None)
     return Blocks(norm=comp(add_rms_norm, False), matvec=comp(matvec, True), attend=comp(attend, False),
-                  swiglu_up=comp(swiglu_up, True), greedy=comp(greedy_local, True))
+                  swiglu_up=comp(swiglu_up, True), greedy=comp(greedy_local, False))
+
+
+def with_triton_gemv(b: Blocks) -> Blocks:
+    """`b` with its one-row weight products (batch-1 decode) in overlap/gemv.py's kernel, which runs a
+    fixed configuration per shape; products over more rows (prefill, larger batches) stay in `b`."""
+    def mv(a, w):
+        return gemv.gemv(a, w) if a.numel() == a.shape[-1] else b.matvec(a, w)
+
+    def up(h, w13, inter: int):
+        return gemv.gemv_swiglu(h, w13, inter) if h.numel() == h.shape[-1] else b.swiglu_up(h, w13, inter)
+    return b._replace(matvec=mv, swiglu_up=up)
 
 
 class WeightSource:
@@ -236,7 +247,7 @@ class TPLlama:
 
     def __init__(self, cfg: ModelConfig, comm: Comm, streams: StreamManager, *, max_batch: int,
                  max_seq: int, seed: int = 0, dtype: torch.dtype = torch.float32, compile: bool = False,
-                 decode_attention: str = "sdpa"):
+                 decode_attention: str = "sdpa", gemv: str = "torch"):
         cfg.check_tp(comm.world)
         self.cfg, self.comm, self.streams = cfg, comm, streams
         self.rank, self.world, self.device, self.dtype = comm.rank, comm.world, comm.device, dtype
@@ -271,8 +282,11 @@ class TPLlama:
         ang = torch.cat([ang, ang], dim=-1)
         self.cos, self.sin = ang.cos().to(dtype), ang.sin().to(dtype)
         self.key_pos = torch.arange(max_seq, device=self.device)
+        self.decode_attention = kernels.choose("--decode-attention", decode_attention, self.device)
+        self.gemv = kernels.choose("--gemv", gemv, self.device)
         self.fns = compiled_blocks() if compile else EAGER
-        self.decode_attention = kernels.choose(decode_attention, self.device)
+        if self.gemv == "triton":
+            self.fns = with_triton_gemv(self.fns)
         # The decode-attention kernel's finished-block counters: zeros that each call leaves at zero.
         self.attn_counters = torch.zeros(max_batch * self.n_kv, dtype=torch.int32, device=self.device)
 
@@ -379,7 +393,7 @@ class TPLlama:
             x_last = torch.cat([lasts[k][0] for k in order], dim=0)
             d_last = torch.cat([lasts[k][1] for k in order], dim=0)
         _, h = self.fns.norm(x_last, d_last, self.norm, self.cfg.rms_norm_eps)
-        val, idx = self.fns.greedy(h, self.lm_head)
+        val, idx = self.fns.greedy(self.fns.matvec(h, self.lm_head))
         offset = self.rank * self.vocab_local
         return self.comm.argmax(val, idx + offset if offset else idx)
 

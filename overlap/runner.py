@@ -26,7 +26,7 @@ class Runner:
         self.sm = StreamManager(device, spec["overlap"], spec["num_streams"], spec.get("prefetch_bytes"))
         self.model = TPLlama(cfg, self.comm, self.sm, max_batch=spec["max_batch"], max_seq=spec["max_seq"],
                              seed=spec["seed"], dtype=dtype, compile=spec.get("compile", False),
-                             decode_attention=spec.get("decode_attention", "sdpa"))
+                             decode_attention=spec.get("decode_attention", "sdpa"), gemv=spec.get("gemv", "torch"))
         self.cuda = device.type == "cuda"
         self.use_graphs = self.cuda and spec["cuda_graphs"]
         self.graphs: dict = {}
@@ -48,7 +48,7 @@ class Runner:
             "allreduce": self.comm.backend, "symm_error": self.comm.symm_error,
             "weight_bytes_per_step": m.weight_bytes_per_step(), "kv_bytes_per_token": m.kv_bytes_per_token(),
             "copy_bw_bytes_per_s": self.copy_bw, "cuda_graphs": self.use_graphs, "compiled": bool(self.spec.get("compile")),
-            "decode_attention": m.decode_attention,
+            "decode_attention": m.decode_attention, "gemv": m.gemv,
             "prefetch_bytes": self.sm.prefetch_bytes if self.sm.prefetch_stream is not None else 0,
             "torch": torch.__version__, "streams_created": StreamManager.created,
             "timestamp_ns": self.timestamp_ns, "vocab_size": m.cfg.vocab_size,

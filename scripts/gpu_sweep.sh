@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One batch of GPU work for the device machine: smoke checks, then benchmark sweeps, results under
-# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline compile anatomy attn-tune prefetch tp overlap
+# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline compile anatomy gemv-tune attn-tune prefetch tp overlap
 # overlap70 tp70 peer gate trace
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +34,8 @@ for stage in "$@"; do
       for v in "eager --decode-attention sdpa" "compile --decode-attention sdpa" "compile --decode-attention triton"; do
         $PY scripts/step_anatomy.py --variant $v | tee -a $OUT/anatomy.jsonl | cut -c1-400
       done ;;
+    gemv-tune)  # the batch-1 GEMV kernel per weight shape: rows x columns per program x warps, beside Inductor and cuBLAS
+      $PY scripts/tune_gemv.py --tp ${GEMV_TPS:-1 2} | tee $OUT/gemv-tune.jsonl | grep -E '"best"|configs' | cut -c1-300 ;;
     attn-tune)  # the decode-attention kernel alone: keys per block x warps, beside the SDPA path
       for b in 1 16; do $PY scripts/tune_decode_attention.py --batch $b | tee -a $OUT/attn-tune.jsonl | cut -c1-200; done ;;
     prefetch)  # how much of the next weight to pull into L2 per all-reduce (default half of L2 lost 5-6%)

@@ -5,7 +5,7 @@ idle GPU and waited for (`synced_*`, the shape of the `none` loop), the generate
 products alone in one graph (the bandwidth ceiling of this variant's GEMVs). Prints one JSON object.
 
     python scripts/step_anatomy.py --model llama3-8b --variant eager|compile [--decode-attention triton]
-        [--overlap none|double_buffer] [--split-swiglu] [--attn-block-t N --attn-warps N]
+        [--gemv triton] [--overlap none|double_buffer] [--split-swiglu] [--attn-block-t N --attn-warps N]
 
 `--split-swiglu` runs the gate/up projection as one GEMV and SiLU*mul as its own kernel (the engine
 before the two were fused at batch 1), for an A/B on one machine. `--attn-block-t`/`--attn-warps` set
@@ -64,16 +64,17 @@ def kernels(run, steps: int) -> dict:
 
 
 def gemv_only(runner: Runner, b: int) -> dict:
-    """Each weight GEMM kind alone (all layers' in one graph, through the engine's matvec block): us
-    per call and bytes per second."""
+    """Each weight GEMM kind alone (all layers' in one graph, through the engine's blocks: w13 with
+    its SiLU*mul): us per call and bytes per second."""
     m = runner.model
-    mm = m.fns.matvec
+    f = m.fns
     out = {}
     kinds = {k: [getattr(L, k) for L in m.layers] for k in ("wqkv", "wo", "w13", "w2")}
     kinds["lm_head"] = [m.lm_head]
     for kind, ws in kinds.items():
         x = torch.randn(b, ws[0].shape[1], device=runner.device, dtype=m.dtype)
-        (run,) = runner._capture([lambda ws=ws, x=x: [mm(x, w) for w in ws]])
+        mm = (lambda x, w: f.swiglu_up(x, w, m.inter)) if kind == "w13" else f.matvec
+        (run,) = runner._capture([lambda ws=ws, x=x, mm=mm: [mm(x, w) for w in ws]])
         us = replay_ms(run, 20) * 1e3 / len(ws)
         nbytes = ws[0].numel() * ws[0].element_size()
         out[kind] = {"us": round(us, 2), "tb_per_s": round(nbytes / us / 1e6, 3)}
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--model", default="llama3-8b")
     ap.add_argument("--variant", choices=("eager", "compile"), default="eager")
     ap.add_argument("--decode-attention", choices=("sdpa", "triton"), default="sdpa")
+    ap.add_argument("--gemv", choices=("torch", "triton"), default="torch")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -116,7 +118,7 @@ def main() -> None:
     attn_kernels.NUM_WARPS = a.attn_warps or attn_kernels.NUM_WARPS
     b, p, n = a.batch_size, a.prompt_len, a.max_tokens
     cfg = EngineConfig(model=a.model, device="cuda", batch_sizes=(), max_seq=p + n,
-                       compile=a.variant != "eager", decode_attention=a.decode_attention,
+                       compile=a.variant != "eager", decode_attention=a.decode_attention, gemv=a.gemv,
                        overlap=a.overlap).resolved()
     spec = {**asdict(cfg), "max_batch": b}  # what the engine sends its ranks, without the processes
     t0 = time.time()
@@ -166,7 +168,8 @@ def main() -> None:
     kern = kernels(round_, n - 1)
     nbytes = r.model.weight_bytes_per_step() + r.model.kv_bytes_per_token() * (p + n // 2) * b
     out = {
-        "variant": a.variant, "overlap": a.overlap, "decode_attention": a.decode_attention, "split_swiglu": a.split_swiglu,
+        "variant": a.variant, "overlap": a.overlap, "decode_attention": a.decode_attention, "gemv": a.gemv,
+        "split_swiglu": a.split_swiglu,
         "attn_block_t": attn_kernels.BLOCK_T, "attn_warps": attn_kernels.NUM_WARPS, "model": a.model, "batch": b, "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__, "setup_s": round(t1 - t0, 1), "graph_build_s": round(build_s, 1),
         "copy_tb_per_s": r.copy_bw / 1e12, "bytes_per_step": nbytes,

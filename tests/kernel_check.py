@@ -1,7 +1,8 @@
-"""`kernels.decode_attention` against the model's own `attend` (RoPE, cache write, SDPA) for one
-case; prints the largest differences (relative to the largest value) as JSON, exits 1 past the
-tolerance. Run as `python -m tests.kernel_check '{"B": 2, ...}'` (with TRITON_INTERPRET=1 on CPU);
-tests/test_kernels.py drives it."""
+"""The Triton kernels against the model's own torch code for one case: `kernels.decode_attention`
+against `attend` (RoPE, cache write, SDPA), or with `"gemv": true` in the case, `gemv.gemv` /
+`gemv.gemv_swiglu` against `matvec` / `swiglu_up`. Prints the largest differences (relative to the
+largest value) as JSON, exits 1 past the tolerance. Run as `python -m tests.kernel_check '{"B": 2, ...}'`
+(with TRITON_INTERPRET=1 on CPU); tests/test_kernels.py drives it."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ import sys
 
 import torch
 
-from overlap import kernels
-from overlap.model import attend
+from overlap import gemv, kernels
+from overlap.model import attend, matvec, swiglu_up
 
 
 def check(B: int, H: int, KV: int, D: int, T: int, pos: int, dtype: str = "float32", device: str = "cpu",
@@ -40,9 +41,30 @@ def check(B: int, H: int, KV: int, D: int, T: int, pos: int, dtype: str = "float
             "counters_back_to_zero": not bool(counters.any())}
 
 
+def check_gemv(n: int, k: int, swiglu: bool, cfg: list | None = None, dtype: str = "float32",
+               device: str = "cpu", seed: int = 0) -> dict:
+    """One [n, k] weight (per half for SwiGLU) and one input row, through the kernel with `cfg`
+    (BLOCK_N, BLOCK_K, warps; None: the shape's table entry) and through the torch blocks."""
+    dt, dev = getattr(torch, dtype), torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(1, 1, k, generator=g).to(dev, dt)
+    w = (torch.randn(2 * n if swiglu else n, k, generator=g) * k ** -0.5).to(dev, dt)
+    cfg = tuple(cfg) if cfg else None
+    if swiglu:
+        got, ref = gemv.gemv_swiglu(x, w, n, cfg), swiglu_up(x.float(), w.float(), n)
+    else:
+        got, ref = gemv.gemv(x, w, cfg), matvec(x.float(), w.float())
+    return {"out": ((got.float() - ref).abs().max() / ref.abs().max()).item(),
+            "shape_ok": got.shape == ref.shape and got.dtype == dt}
+
+
 def main() -> int:
     case = json.loads(sys.argv[1])
     tol = case.pop("tol", 1e-5)
+    if case.pop("gemv", False):
+        res = check_gemv(**case)
+        print(json.dumps(res))
+        return 0 if res["out"] <= tol and res["shape_ok"] else 1
     res = check(**case)
     print(json.dumps(res))
     ok = max(res["out"], res["k_cache"], res["v_cache"]) <= tol and res["untouched_rows_equal"] \

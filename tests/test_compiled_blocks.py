@@ -24,7 +24,7 @@ def test_compiled_blocks_match_eager(rows):
     w, w13, head = rnd(hidden, hidden, scale=0.03), rnd(2 * inter, hidden, scale=0.03), rnd(vocab, hidden, scale=0.03)
     comp = compiled_blocks()
     for name, args in (("norm", (x, delta, norm_w, 1e-5)), ("matvec", (x, w)), ("swiglu_up", (x, w13, inter)),
-                       ("greedy", (x[:, 0], head))):
+                       ("greedy", (x[:, 0] @ head.t(),))):
         want, got = getattr(EAGER, name)(*args), getattr(comp, name)(*args)
         for a, b in zip(want if isinstance(want, tuple) else (want,), got if isinstance(got, tuple) else (got,)):
             if a.dtype == torch.long:  # greedy's index: equal where the max is not a near-tie

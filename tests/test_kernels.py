@@ -1,6 +1,7 @@
-"""The fused decode-attention Triton kernel (overlap/kernels.py): against the model's own RoPE + cache
-write + SDPA, on CPU through Triton's interpreter (fp32: the interpreter has no bfloat16 arithmetic)
-and on a CUDA GPU (fp32 and bf16); and inside the engine, the tokens of the SDPA path."""
+"""The Triton kernels: the fused decode attention (overlap/kernels.py) against the model's own RoPE +
+cache write + SDPA, and the batch-1 GEMV (overlap/gemv.py) against `matvec` / `swiglu_up`; on CPU
+through Triton's interpreter (fp32: the interpreter has no bfloat16 arithmetic) and on a CUDA GPU
+(fp32 and bf16); and inside the engine, the tokens of the torch paths."""
 from __future__ import annotations
 
 import json
@@ -57,6 +58,45 @@ def test_engine_tokens_match_sdpa(engine_factory, monkeypatch):
         assert eng.describe()["decode_attention"] == "triton"
         assert eng.generate(prompts, 9).tokens == want, overlap
         eng.close()
+
+
+# (rows, columns, swiglu, (BLOCK_N, BLOCK_K, warps) or None for the shape's table entry): whole blocks,
+# ragged rows and columns, one row per program, a column block wider than the weight.
+GEMV_CASES = [(48, 64, False, (8, 32, 4)), (50, 70, False, (8, 32, 4)), (50, 70, True, (16, 64, 2)),
+              (3, 40, False, (1, 128, 1)), (24, 256, True, None)]
+
+
+@pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: "n{}-k{}-swiglu{}-{}".format(*c))
+def test_gemv_matches_the_model_on_cpu(case):
+    n, k, swiglu, cfg = case
+    _check_in_interpreter({"gemv": True, "n": n, "k": k, "swiglu": swiglu, "cfg": cfg, "tol": 1e-5})
+
+
+def test_engine_tokens_match_torch_gemv(engine_factory, monkeypatch):
+    """TP=2 over gloo, batch 1 (the kernel's one-row products in every decode step), in `none` and
+    `double_buffer`: the tokens of torch's products."""
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the rank processes inherit it
+    prompts = random_prompts(1, 5, PRESETS["tiny"].vocab_size, 5)
+    kw = dict(tp=2, batch_sizes=(1,), max_seq=14, decode_attention="sdpa")
+    want = engine_factory(gemv="torch", **kw).generate(prompts, 9).tokens
+    for overlap in ("none", "double_buffer"):
+        eng = engine_factory(gemv="triton", overlap=overlap, **kw)
+        assert eng.describe()["gemv"] == "triton"
+        assert eng.generate(prompts, 9).tokens == want, overlap
+        eng.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(visible_gpus() < 1, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 1e-2)])
+def test_gemv_matches_the_model_on_gpu(dtype, tol):
+    """Llama-3-8B's shapes at TP=1 with their table entries, and the CPU cases."""
+    from tests.kernel_check import check_gemv
+
+    for n, k, swiglu, cfg in [(6144, 4096, False, None), (4096, 14336, False, None), (14336, 4096, True, None),
+                              (128256, 4096, False, None), *GEMV_CASES]:
+        res = check_gemv(n, k, swiglu, cfg, dtype=dtype, device="cuda")
+        assert res["shape_ok"] and res["out"] <= tol, (n, k, swiglu, cfg, res)
 
 
 @pytest.mark.gpu

@@ -1,0 +1,93 @@
+"""Matrix-vector products for batch-1 decode in one Triton kernel with a fixed configuration per shape.
+
+Why: a batch-1 decode step is ~230 weight GEMVs that should each run at the card's read bandwidth.
+Under torch.compile with coordinate-descent tuning Inductor writes such a kernel too, but tunes it in
+every process by timing candidates, and the pick moved with the process: on one H200 with a warm
+cache the same w13 GEMV took 52.7, 69.8 and 53.5 us in three processes, and the engine's TPOT moved
+by up to 6% between pytest sessions of one commit. Here the configuration is a table measured once
+(`scripts/tune_gemv.py`, all 32 layers' weights in turn so that nothing is served from L2), so two
+engine processes run the same kernels.
+
+The gate/up projection has its own entry point: both halves of w13 are read by one program and
+SiLU(gate) * up is its epilogue, so the intermediate activation never goes through memory twice.
+"""
+from __future__ import annotations
+
+import torch
+
+from .kernels import triton
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _gemv_kernel(x, w, y, N, s_w, up_off, K: tl.constexpr,
+                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SWIGLU: tl.constexpr, EVEN: tl.constexpr):
+        """y[n] = sum_k x[k] w[n, k] for BLOCK_N rows n per program (SWIGLU: silu(that) * the same
+        over rows n + up_off). Partial products stay in a [BLOCK_N, BLOCK_K] fp32 accumulator and are
+        reduced once at the end; weight loads are marked evict-first (each is read once per step)."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.arange(0, BLOCK_K)
+        rows = w + n.to(tl.int64)[:, None] * s_w + k[None, :]
+        acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            if EVEN:
+                xv = tl.load(x + k0 + k).to(tl.float32)[None, :]
+                acc += tl.load(rows + k0, eviction_policy="evict_first").to(tl.float32) * xv
+                if SWIGLU:
+                    acc_up += tl.load(rows + up_off * s_w + k0, eviction_policy="evict_first").to(tl.float32) * xv
+            else:
+                km = k0 + k < K
+                m2 = (n < N)[:, None] & km[None, :]
+                xv = tl.load(x + k0 + k, mask=km, other=0.0).to(tl.float32)[None, :]
+                acc += tl.load(rows + k0, mask=m2, other=0.0, eviction_policy="evict_first").to(tl.float32) * xv
+                if SWIGLU:
+                    acc_up += tl.load(rows + up_off * s_w + k0, mask=m2, other=0.0,
+                                      eviction_policy="evict_first").to(tl.float32) * xv
+        out = tl.sum(acc, axis=1)
+        if SWIGLU:
+            out = out * tl.sigmoid(out) * tl.sum(acc_up, axis=1)
+        tl.store(y + n, out.to(y.dtype.element_ty), mask=n < N)
+
+
+# (rows, columns, swiglu) -> (BLOCK_N, BLOCK_K, num_warps): the fastest of 66 configurations per shape
+# in scripts/tune_gemv.py on one H200 (2026-11-26), Llama-3-8B at TP=1 and TP=2 (NOTES-gpu.md, fifth
+# session). Shapes not listed take DEFAULT, the best all-rounder of that sweep (within 3% of each
+# shape's best on geometric mean, 9% at worst). No num_stages: these loads feed no tl.dot, so Triton
+# does not pipeline them; the column loop has a constant trip count and is unrolled instead.
+CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int]] = {
+    (6144, 4096, False): (2, 128, 1), (4096, 4096, False): (4, 1024, 2), (14336, 4096, True): (1, 1024, 2),
+    (4096, 14336, False): (1, 256, 1), (128256, 4096, False): (2, 1024, 2),  # TP=1
+    (3072, 4096, False): (2, 512, 2), (4096, 2048, False): (1, 1024, 4), (7168, 4096, True): (2, 128, 1),
+    (4096, 7168, False): (1, 256, 1), (64128, 4096, False): (2, 1024, 2),  # TP=2
+}
+DEFAULT = (4, 1024, 2)
+
+
+def config(n: int, k: int, swiglu: bool) -> tuple[int, int, int]:
+    """The kernel configuration for an [n, k] weight (n: output rows, per half for SwiGLU)."""
+    return CONFIGS.get((n, k, swiglu), DEFAULT)
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, n: int, swiglu: bool, cfg=None) -> torch.Tensor:
+    k = w.shape[1]
+    assert x.numel() == k and w.stride(1) == 1, (x.shape, w.shape, w.stride())
+    block_n, block_k, warps = cfg or config(n, k, swiglu)
+    y = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
+    _gemv_kernel[(triton.cdiv(n, block_n),)](
+        x.reshape(k).contiguous(), w, y, n, w.stride(0), n if swiglu else 0,
+        K=k, BLOCK_N=block_n, BLOCK_K=block_k, SWIGLU=swiglu, EVEN=n % block_n == 0 and k % block_k == 0,
+        num_warps=warps, num_stages=1)
+    return y
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, cfg=None) -> torch.Tensor:
+    """`x @ w.T` for one row `x` [..., K] (all leading sizes 1) and a weight [N, K] in HF layout."""
+    return _launch(x, w, w.shape[0], False, cfg)
+
+
+def gemv_swiglu(x: torch.Tensor, w13: torch.Tensor, inter: int, cfg=None) -> torch.Tensor:
+    """SiLU(x @ gate.T) * (x @ up.T) for one row, with the fused weight w13 = [gate; up] [2 inter, K]."""
+    assert w13.shape[0] == 2 * inter, (w13.shape, inter)
+    return _launch(x, w13, inter, True, cfg)
