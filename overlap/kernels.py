@@ -37,6 +37,16 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
+USE_PDL = True  # programmatic dependent launch where the GPU has it; step_anatomy --no-pdl turns it off
+
+
+def pdl(device: torch.device) -> bool:
+    """Whether Triton kernels launched on `device` use programmatic dependent launch: Hopper and later
+    (not Triton's CPU interpreter, which has no griddepcontrol). A kernel launched so may start while
+    the previous one finishes; it waits (gdc_wait) before it reads anything an earlier kernel wrote."""
+    return USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def choose(option: str, choice: str, device: torch.device) -> str:
     """The path to use for `option` (--decode-attention, --gemv) given `choice`: `auto` is the Triton
     kernel wherever it can run, else the torch path; `triton` where it cannot is an error, not a
@@ -52,14 +62,19 @@ def choose(option: str, choice: str, device: torch.device) -> str:
 
 
 if triton is not None:
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
     @triton.jit
     def _decode_attention_kernel(
         qkv, cos, sin, pos_ptr, k_cache, v_cache, out, part_m, part_l, part_o, counters,
         s_qkv_b, s_kc_b, s_kc_h, s_kc_t, s_vc_b, s_vc_h, s_vc_t, s_out_b,
         n_heads, n_kv, n_split, scale,
         G: tl.constexpr, D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-        BLOCK_T: tl.constexpr, IEEE: tl.constexpr,
+        BLOCK_T: tl.constexpr, IEEE: tl.constexpr, PDL: tl.constexpr,
     ):
+        if PDL:  # launched early, at the QKV GEMV's tail: everything here reads what earlier kernels wrote
+            gdc_launch_dependents()
+            gdc_wait()
         pid = tl.program_id(0)  # (sequence, KV head)
         split = tl.program_id(1)  # which BLOCK_T keys
         b = pid // n_kv
@@ -174,6 +189,7 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
     assert qkv.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert counters.dtype == torch.int32 and counters.numel() >= B * n_kv
     n_split = triton.cdiv(T, block_t)
+    on = pdl(qkv.device)
     out = torch.empty(B, n_heads * D, device=qkv.device, dtype=qkv.dtype)
     part_m = torch.empty(B * n_kv * n_split * G, device=qkv.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
@@ -184,5 +200,6 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0),
         n_heads, n_kv, n_split, D ** -0.5,
         G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_T=block_t, IEEE=qkv.dtype == torch.float32, num_warps=num_warps)
+        BLOCK_T=block_t, IEEE=qkv.dtype == torch.float32, PDL=on, num_warps=num_warps,
+        **({"launch_pdl": True} if on else {}))
     return out

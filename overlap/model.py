@@ -156,14 +156,21 @@ def compiled_blocks() -> Blocks:
 
 
 def with_triton_gemv(b: Blocks) -> Blocks:
-    """`b` with its one-row weight products (batch-1 decode) in overlap/gemv.py's kernel, which runs a
-    fixed configuration per shape; products over more rows (prefill, larger batches) stay in `b`."""
+    """`b` with its one-row blocks (batch-1 decode) in overlap/gemv.py's kernels: the weight products
+    with a fixed configuration per shape, and the add+RMSNorm between them, so that on Hopper every
+    kernel from one GEMV to the next is launched with PDL. More rows (prefill, larger batches) stay in `b`."""
+    def one_row(t):
+        return t.numel() == t.shape[-1]
+
+    def norm(x, delta, norm_w, eps: float):
+        return gemv.add_rms_norm(x, delta, norm_w, eps) if one_row(x) else b.norm(x, delta, norm_w, eps)
+
     def mv(a, w):
-        return gemv.gemv(a, w) if a.numel() == a.shape[-1] else b.matvec(a, w)
+        return gemv.gemv(a, w) if one_row(a) else b.matvec(a, w)
 
     def up(h, w13, inter: int):
-        return gemv.gemv_swiglu(h, w13, inter) if h.numel() == h.shape[-1] else b.swiglu_up(h, w13, inter)
-    return b._replace(matvec=mv, swiglu_up=up)
+        return gemv.gemv_swiglu(h, w13, inter) if one_row(h) else b.swiglu_up(h, w13, inter)
+    return b._replace(norm=norm, matvec=mv, swiglu_up=up)
 
 
 class WeightSource:

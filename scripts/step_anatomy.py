@@ -105,6 +105,7 @@ def main() -> None:
     ap.add_argument("--variant", choices=("eager", "compile"), default="eager")
     ap.add_argument("--decode-attention", choices=("sdpa", "triton"), default="sdpa")
     ap.add_argument("--gemv", choices=("torch", "triton"), default="torch")
+    ap.add_argument("--no-pdl", action="store_true", help="Triton kernels without programmatic dependent launch")
     ap.add_argument("--batch-size", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
@@ -116,6 +117,7 @@ def main() -> None:
     a = ap.parse_args()
     attn_kernels.BLOCK_T = a.attn_block_t or attn_kernels.BLOCK_T
     attn_kernels.NUM_WARPS = a.attn_warps or attn_kernels.NUM_WARPS
+    attn_kernels.USE_PDL = not a.no_pdl
     b, p, n = a.batch_size, a.prompt_len, a.max_tokens
     cfg = EngineConfig(model=a.model, device="cuda", batch_sizes=(), max_seq=p + n,
                        compile=a.variant != "eager", decode_attention=a.decode_attention, gemv=a.gemv,
@@ -168,7 +170,7 @@ def main() -> None:
     kern = kernels(round_, n - 1)
     nbytes = r.model.weight_bytes_per_step() + r.model.kv_bytes_per_token() * (p + n // 2) * b
     out = {
-        "variant": a.variant, "overlap": a.overlap, "decode_attention": a.decode_attention, "gemv": a.gemv,
+        "variant": a.variant, "overlap": a.overlap, "decode_attention": a.decode_attention, "gemv": a.gemv, "pdl": not a.no_pdl,
         "split_swiglu": a.split_swiglu,
         "attn_block_t": attn_kernels.BLOCK_T, "attn_warps": attn_kernels.NUM_WARPS, "model": a.model, "batch": b, "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__, "setup_s": round(t1 - t0, 1), "graph_build_s": round(build_s, 1),

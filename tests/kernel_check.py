@@ -1,6 +1,7 @@
 """The Triton kernels against the model's own torch code for one case: `kernels.decode_attention`
-against `attend` (RoPE, cache write, SDPA), or with `"gemv": true` in the case, `gemv.gemv` /
-`gemv.gemv_swiglu` against `matvec` / `swiglu_up`. Prints the largest differences (relative to the
+against `attend` (RoPE, cache write, SDPA); with `"gemv": true` in the case, `gemv.gemv` /
+`gemv.gemv_swiglu` against `matvec` / `swiglu_up`; with `"norm": true`, `gemv.add_rms_norm` against
+the model's `add_rms_norm`. Prints the largest differences (relative to the
 largest value) as JSON, exits 1 past the tolerance. Run as `python -m tests.kernel_check '{"B": 2, ...}'`
 (with TRITON_INTERPRET=1 on CPU); tests/test_kernels.py drives it."""
 from __future__ import annotations
@@ -11,7 +12,7 @@ import sys
 import torch
 
 from overlap import gemv, kernels
-from overlap.model import attend, matvec, swiglu_up
+from overlap.model import add_rms_norm, attend, matvec, swiglu_up
 
 
 def check(B: int, H: int, KV: int, D: int, T: int, pos: int, dtype: str = "float32", device: str = "cpu",
@@ -58,13 +59,25 @@ def check_gemv(n: int, k: int, swiglu: bool, cfg: list | None = None, dtype: str
             "shape_ok": got.shape == ref.shape and got.dtype == dt}
 
 
+def check_norm(d: int, delta: bool, dtype: str = "float32", device: str = "cpu", seed: int = 0) -> dict:
+    """One row of width `d` (with or without the residual add) through the kernel and the torch block."""
+    dt, dev = getattr(torch, dtype), torch.device(device)
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x, dx = (torch.randn(1, 1, d, generator=g).to(dev, dt) for _ in range(2))
+    w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev, dt)
+    (r, h), (rr, hr) = gemv.add_rms_norm(x, dx if delta else None, w, 1e-5), add_rms_norm(x, dx if delta else None, w, 1e-5)
+    err = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
+    return {"out": max(err(r, rr), err(h, hr)), "shape_ok": r.shape == x.shape == h.shape and h.dtype == dt}
+
+
 def main() -> int:
     case = json.loads(sys.argv[1])
     tol = case.pop("tol", 1e-5)
-    if case.pop("gemv", False):
-        res = check_gemv(**case)
-        print(json.dumps(res))
-        return 0 if res["out"] <= tol and res["shape_ok"] else 1
+    for kind, fn in (("gemv", check_gemv), ("norm", check_norm)):
+        if case.pop(kind, False):
+            res = fn(**case)
+            print(json.dumps(res))
+            return 0 if res["out"] <= tol and res["shape_ok"] else 1
     res = check(**case)
     print(json.dumps(res))
     ok = max(res["out"], res["k_cache"], res["v_cache"]) <= tol and res["untouched_rows_equal"] \

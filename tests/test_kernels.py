@@ -72,6 +72,11 @@ def test_gemv_matches_the_model_on_cpu(case):
     _check_in_interpreter({"gemv": True, "n": n, "k": k, "swiglu": swiglu, "cfg": cfg, "tol": 1e-5})
 
 
+@pytest.mark.parametrize("d,delta", [(64, True), (100, True), (100, False)])
+def test_row_norm_matches_the_model_on_cpu(d, delta):
+    _check_in_interpreter({"norm": True, "d": d, "delta": delta, "tol": 1e-5})
+
+
 def test_engine_tokens_match_torch_gemv(engine_factory, monkeypatch):
     """TP=2 over gloo, batch 1 (the kernel's one-row products in every decode step), in `none` and
     `double_buffer`: the tokens of torch's products."""
@@ -90,13 +95,16 @@ def test_engine_tokens_match_torch_gemv(engine_factory, monkeypatch):
 @pytest.mark.skipif(visible_gpus() < 1, reason="needs a CUDA GPU")
 @pytest.mark.parametrize("dtype,tol", [("float32", 1e-4), ("bfloat16", 1e-2)])
 def test_gemv_matches_the_model_on_gpu(dtype, tol):
-    """Llama-3-8B's shapes at TP=1 with their table entries, and the CPU cases."""
-    from tests.kernel_check import check_gemv
+    """Llama-3-8B's shapes at TP=1 with their table entries, and the CPU cases; the row norm at 8B's width."""
+    from tests.kernel_check import check_gemv, check_norm
 
     for n, k, swiglu, cfg in [(6144, 4096, False, None), (4096, 14336, False, None), (14336, 4096, True, None),
                               (128256, 4096, False, None), *GEMV_CASES]:
         res = check_gemv(n, k, swiglu, cfg, dtype=dtype, device="cuda")
         assert res["shape_ok"] and res["out"] <= tol, (n, k, swiglu, cfg, res)
+    for d, delta in ((4096, True), (4096, False), (100, True)):
+        res = check_norm(d, delta, dtype=dtype, device="cuda")
+        assert res["shape_ok"] and res["out"] <= tol, (d, delta, res)
 
 
 @pytest.mark.gpu
