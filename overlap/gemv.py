@@ -1,4 +1,5 @@
-"""Matrix-vector products for batch-1 decode in one Triton kernel with a fixed configuration per shape.
+"""The one-row blocks of a batch-1 decode step in Triton: matrix-vector products in one kernel with a
+fixed configuration per shape, and the residual add + RMSNorm between them.
 
 Why: a batch-1 decode step is ~230 weight GEMVs that should each run at the card's read bandwidth.
 Under torch.compile with coordinate-descent tuning Inductor writes such a kernel too, but tunes it in
@@ -10,6 +11,10 @@ engine processes run the same kernels.
 
 The gate/up projection has its own entry point: both halves of w13 are read by one program and
 SiLU(gate) * up is its epilogue, so the intermediate activation never goes through memory twice.
+
+On Hopper every kernel here is launched with programmatic dependent launch (kernels.pdl): it starts
+at its predecessor's tail and streams its first weight columns before waiting for it. The norm is
+here so that no kernel without PDL sits between two GEMVs (measured on H200: step 4.009 -> 3.803 ms).
 """
 from __future__ import annotations
 

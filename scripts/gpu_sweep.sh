@@ -31,7 +31,8 @@ for stage in "$@"; do
         --benchmark-json $OUT/baseline-8b-eager.json
       $PY -m llm_bench.cli compare $OUT/baseline-8b-eager.json $OUT/baseline-8b.json ;;
     anatomy)  # where a TP=1 decode step's time goes, per engine variant (scripts/step_anatomy.py)
-      for v in "eager --decode-attention sdpa" "compile --decode-attention sdpa" "compile --decode-attention triton"; do
+      for v in "eager --decode-attention sdpa --gemv torch" "compile --decode-attention triton --gemv torch" \
+               "compile --decode-attention triton --gemv triton --no-pdl" "compile --decode-attention triton --gemv triton"; do
         $PY scripts/step_anatomy.py --variant $v | tee -a $OUT/anatomy.jsonl | cut -c1-400
       done ;;
     gemv-tune)  # the batch-1 GEMV kernel per weight shape: rows x columns per program x warps, beside Inductor and cuBLAS
