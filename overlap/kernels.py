@@ -8,8 +8,8 @@ one kernel per layer: each (sequence, KV head) is split over blocks of keys, one
 that read the cache once for all G query heads sharing it (GQA) and skip the keys past the current
 position; the last block to finish combines the partial softmaxes (flash-decoding, in one launch).
 
-Triton is optional: `choose()` says which decode attention (and which batch-1 GEMV, overlap/gemv.py) runs here. On CPU the tests run it through
-Triton's interpreter (TRITON_INTERPRET=1).
+Triton is optional: `choose()` says which decode attention (and which batch-1 GEMV, overlap/gemv.py)
+runs here. On CPU the tests run the kernels through Triton's interpreter (TRITON_INTERPRET=1).
 """
 from __future__ import annotations
 
