@@ -12,7 +12,7 @@ engine processes run the same kernels.
 The gate/up projection has its own entry point: both halves of w13 are read by one program and
 SiLU(gate) * up is its epilogue, so the intermediate activation never goes through memory twice.
 
-On Hopper every kernel here is launched with programmatic dependent launch (kernels.pdl): it starts
+On Hopper every kernel here is launched with programmatic dependent launch (kernels.pdl_args): it starts
 at its predecessor's tail and streams its first weight columns before waiting for it. The norm is
 here so that no kernel without PDL sits between two GEMVs (measured on H200: step 4.009 -> 3.803 ms).
 """
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .kernels import pdl, triton
+from .kernels import pdl_args, triton
 
 if triton is not None:
     import triton.language as tl
@@ -120,11 +120,10 @@ def _launch(x: torch.Tensor, w: torch.Tensor, n: int, swiglu: bool, cfg=None) ->
     assert x.numel() == k and w.stride(1) == 1, (x.shape, w.shape, w.stride())
     block_n, block_k, warps = cfg or config(n, k, swiglu)
     y = torch.empty(*x.shape[:-1], n, device=x.device, dtype=x.dtype)
-    on = pdl(x.device)
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x.reshape(k).contiguous(), w, y, n, w.stride(0), n if swiglu else 0,
         K=k, BLOCK_N=block_n, BLOCK_K=block_k, SWIGLU=swiglu, EVEN=n % block_n == 0 and k % block_k == 0,
-        PDL=on, num_warps=warps, num_stages=1, **({"launch_pdl": True} if on else {}))
+        num_warps=warps, num_stages=1, **pdl_args(x.device))
     return y
 
 
@@ -145,8 +144,7 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm_w: torch.Tens
     assert x.numel() == D and x.is_contiguous() and (delta is None or delta.is_contiguous()), (x.shape, delta)
     res = x if delta is None else torch.empty_like(x)
     h = torch.empty_like(x)
-    on = pdl(x.device)
     _add_rms_norm_kernel[(1,)](x, x if delta is None else delta, norm_w, res, h, eps, D=D,
-                               BLOCK=triton.next_power_of_2(D), HAS_DELTA=delta is not None, PDL=on,
-                               num_warps=8 if D >= 2048 else 4, **({"launch_pdl": True} if on else {}))
+                               BLOCK=triton.next_power_of_2(D), HAS_DELTA=delta is not None,
+                               num_warps=8 if D >= 2048 else 4, **pdl_args(x.device))
     return res, h

@@ -40,11 +40,13 @@ def unavailable_reason(device: torch.device) -> str | None:
 USE_PDL = True  # programmatic dependent launch where the GPU has it; step_anatomy --no-pdl turns it off
 
 
-def pdl(device: torch.device) -> bool:
-    """Whether Triton kernels launched on `device` use programmatic dependent launch: Hopper and later
-    (not Triton's CPU interpreter, which has no griddepcontrol). A kernel launched so may start while
-    the previous one finishes; it waits (gdc_wait) before it reads anything an earlier kernel wrote."""
-    return USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+def pdl_args(device: torch.device) -> dict:
+    """Launch arguments of a Triton kernel with a `PDL` constexpr on `device`: programmatic dependent
+    launch on Hopper and later (not in Triton's CPU interpreter, which has no griddepcontrol). A kernel
+    launched so may start while the previous one finishes; it waits (gdc_wait) before it reads
+    anything an earlier kernel wrote."""
+    on = USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 def choose(option: str, choice: str, device: torch.device) -> str:
@@ -189,7 +191,6 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
     assert qkv.stride(-1) == 1 and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1
     assert counters.dtype == torch.int32 and counters.numel() >= B * n_kv
     n_split = triton.cdiv(T, block_t)
-    on = pdl(qkv.device)
     out = torch.empty(B, n_heads * D, device=qkv.device, dtype=qkv.dtype)
     part_m = torch.empty(B * n_kv * n_split * G, device=qkv.device, dtype=torch.float32)
     part_l = torch.empty_like(part_m)
@@ -200,6 +201,5 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0),
         n_heads, n_kv, n_split, D ** -0.5,
         G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_T=block_t, IEEE=qkv.dtype == torch.float32, PDL=on, num_warps=num_warps,
-        **({"launch_pdl": True} if on else {}))
+        BLOCK_T=block_t, IEEE=qkv.dtype == torch.float32, num_warps=num_warps, **pdl_args(qkv.device))
     return out

@@ -81,6 +81,11 @@ def attend(qkv, kc, vc, cos, sin, pos, mask, n_heads: int, n_kv: int, hd: int):
     return y.reshape(B, n_heads, S, hd).transpose(1, 2).reshape(B, S, nq)
 
 
+def one_row(t: torch.Tensor) -> bool:
+    """Whether `t` [..., K] is a single row (batch-1 decode): where products are GEMVs, not GEMMs."""
+    return t.numel() == t.shape[-1]
+
+
 def swiglu_up(h, w13, inter: int):
     """SiLU(h @ gate.T) * (h @ up.T) with the fused gate/up weight `w13` [2 * inter, hidden].
 
@@ -90,7 +95,7 @@ def swiglu_up(h, w13, inter: int):
     --compile each becomes a multiply-reduce over the same input, which Inductor fuses into one
     kernel with SiLU*mul as its epilogue (one kernel per layer instead of a GEMV plus a pointwise
     one). With more rows they are GEMMs, which take no epilogue: one GEMM over both halves."""
-    if h.numel() == h.shape[-1]:
+    if one_row(h):
         g, u = matvec(h, w13[:inter]), matvec(h, w13[inter:])
     else:
         g, u = matvec(h, w13).split(inter, dim=-1)
@@ -159,9 +164,6 @@ def with_triton_gemv(b: Blocks) -> Blocks:
     """`b` with its one-row blocks (batch-1 decode) in overlap/gemv.py's kernels: the weight products
     with a fixed configuration per shape, and the add+RMSNorm between them, so that on Hopper every
     kernel from one GEMV to the next is launched with PDL. More rows (prefill, larger batches) stay in `b`."""
-    def one_row(t):
-        return t.numel() == t.shape[-1]
-
     def norm(x, delta, norm_w, eps: float):
         return gemv.add_rms_norm(x, delta, norm_w, eps) if one_row(x) else b.norm(x, delta, norm_w, eps)
 

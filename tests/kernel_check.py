@@ -15,6 +15,11 @@ from overlap import gemv, kernels
 from overlap.model import add_rms_norm, attend, matvec, swiglu_up
 
 
+def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """Largest difference relative to the reference's largest value."""
+    return ((got.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
+
+
 def check(B: int, H: int, KV: int, D: int, T: int, pos: int, dtype: str = "float32", device: str = "cpu",
           seed: int = 0, block_t: int = kernels.BLOCK_T) -> dict:
     dt, dev = getattr(torch, dtype), torch.device(device)
@@ -35,9 +40,8 @@ def check(B: int, H: int, KV: int, D: int, T: int, pos: int, dtype: str = "float
     kk, vk = (c.clone() for c in cache)
     counters = torch.zeros(B * KV, dtype=torch.int32, device=dev)
     got = kernels.decode_attention(qkv, cos, sin, p, kk, vk, H, KV, counters, block_t=block_t)
-    # Largest difference relative to the largest value: bf16 rounds RoPE once here, twice in the model.
-    err = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
-    return {"out": err(got, ref), "k_cache": err(kk, kr), "v_cache": err(vk, vr),
+    # Relative, not absolute: bf16 rounds RoPE once here, twice in the model.
+    return {"out": rel_err(got, ref), "k_cache": rel_err(kk, kr), "v_cache": rel_err(vk, vr),
             "untouched_rows_equal": bool(torch.equal(kk[:, :, :pos], kr[:, :, :pos])),
             "counters_back_to_zero": not bool(counters.any())}
 
@@ -55,7 +59,7 @@ def check_gemv(n: int, k: int, swiglu: bool, cfg: list | None = None, dtype: str
         got, ref = gemv.gemv_swiglu(x, w, n, cfg), swiglu_up(x.float(), w.float(), n)
     else:
         got, ref = gemv.gemv(x, w, cfg), matvec(x.float(), w.float())
-    return {"out": ((got.float() - ref).abs().max() / ref.abs().max()).item(),
+    return {"out": rel_err(got, ref),
             "shape_ok": got.shape == ref.shape and got.dtype == dt}
 
 
@@ -65,9 +69,9 @@ def check_norm(d: int, delta: bool, dtype: str = "float32", device: str = "cpu",
     g = torch.Generator(device="cpu").manual_seed(seed)
     x, dx = (torch.randn(1, 1, d, generator=g).to(dev, dt) for _ in range(2))
     w = (1 + 0.1 * torch.randn(d, generator=g)).to(dev, dt)
-    (r, h), (rr, hr) = gemv.add_rms_norm(x, dx if delta else None, w, 1e-5), add_rms_norm(x, dx if delta else None, w, 1e-5)
-    err = lambda a, b: ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()  # noqa: E731
-    return {"out": max(err(r, rr), err(h, hr)), "shape_ok": r.shape == x.shape == h.shape and h.dtype == dt}
+    dx = dx if delta else None
+    (r, h), (rr, hr) = gemv.add_rms_norm(x, dx, w, 1e-5), add_rms_norm(x, dx, w, 1e-5)
+    return {"out": max(rel_err(r, rr), rel_err(h, hr)), "shape_ok": r.shape == x.shape == h.shape and h.dtype == dt}
 
 
 def main() -> int:
