@@ -5,12 +5,10 @@ from __future__ import annotations
 import csv
 import json
 
-from fixtures.results import align
-
+from .columns import COLUMNS, align
 from .storage import fingerprint, load_runs
 
-DEFAULT_COLUMNS = ["ttft_ms_p50", "ttft_ms_p99", "itl_ms_p50", "itl_ms_p99", "tpot_ms_p50", "tok_per_s", "mbu",
-                   "scaling_efficiency", "comm_share", "overlap_gain"]
+DEFAULT_COLUMNS = [c.key for c in COLUMNS]
 
 
 def add_parser(sub) -> None:

@@ -6,12 +6,11 @@ from __future__ import annotations
 import os
 from collections import defaultdict
 
+from .columns import COLUMNS
+from .metrics import derive_columns
+from .options import OVERLAP_MODES
 from .storage import load_runs
 
-TABLE = [("TTFT p50 ms", "ttft_ms_p50", "{:.2f}"), ("ITL p50 ms", "itl_ms_p50", "{:.3f}"),
-         ("ITL p99 ms", "itl_ms_p99", "{:.3f}"), ("TPOT ms", "tpot_ms_p50", "{:.3f}"), ("tok/s", "tok_per_s", "{:.1f}"),
-         ("MBU", "mbu", "{:.2f}"), ("efficiency", "scaling_efficiency", "{:.2f}"), ("comm share", "comm_share", "{:.0%}"),
-         ("overlap gain", "overlap_gain", "{:+.1%}"), ("step gap us", "step_gap_us_p50", "{:.1f}")]
 
 
 def add_parser(sub) -> None:
@@ -23,8 +22,6 @@ def add_parser(sub) -> None:
 
 
 def _rows(runs: list[dict]) -> list[dict]:
-    from fixtures.results import derive_columns
-
     rows = []
     for r in runs:
         rs = [{"name": b["name"], "fullname": b["fullname"], "extra_info": dict(b.get("extra_info") or {}),
@@ -110,9 +107,7 @@ def plot_overlap(plt, rows, path) -> bool:
     es = [r["extra_info"] for r in rows if "overlap_gain" in r["extra_info"]]
     if not es:
         return False
-    from overlap.streams import MODES
-
-    modes = sorted({e["overlap"] for e in es}, key=lambda m: MODES.index(m) if m in MODES else len(MODES))
+    modes = sorted({e["overlap"] for e in es}, key=lambda m: OVERLAP_MODES.index(m) if m in OVERLAP_MODES else len(OVERLAP_MODES))
     cfgs = sorted({(e["tp"], e["batch_size"]) for e in es})
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(cfgs)), 4))
     w = 0.8 / len(modes)
@@ -161,13 +156,11 @@ def make_report(runs: list[dict], out: str) -> list[str]:
                   f"torch {gpu.get('torch')}, NCCL {gpu.get('nccl')}", ""]
     for f, cap in made:
         lines += [f"## {cap}", "", f"![{cap}]({f})", ""]
-    cols = [c for c in TABLE if any(c[1] in r["extra_info"] for r in rows)]
-    lines += ["## Numbers", "", "| run | benchmark | " + " | ".join(c[0] for c in cols) + " |",
+    cols = [c for c in COLUMNS if any(c.key in r["extra_info"] for r in rows)]
+    lines += ["## Numbers", "", "| run | benchmark | " + " | ".join(c.header for c in cols) + " |",
               "|---|---|" + "---|" * len(cols)]
     for r in rows:
-        e = r["extra_info"]
-        lines.append(f"| {r['run']} | {r['name']} | " + " | ".join(c[2].format(e[c[1]]) if c[1] in e else "-"
-                                                                  for c in cols) + " |")
+        lines.append(f"| {r['run']} | {r['name']} | " + " | ".join(c.show(r["extra_info"]) for c in cols) + " |")
     with open(os.path.join(out, "index.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     return [f for f, _ in made]

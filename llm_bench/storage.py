@@ -1,5 +1,6 @@
-"""Stored runs, picked the way pytest-benchmark picks them: a file path, an id like `0001` (any
-machine folder under the storage), or the latest run when nothing is named."""
+"""Stored results: pytest-benchmark runs, picked the way pytest-benchmark picks them (a file path, an id
+like `0001` in any machine folder under the storage, or the latest run when nothing is named), and
+the live results file every finished benchmark is appended to as it finishes."""
 from __future__ import annotations
 
 import glob
@@ -56,3 +57,26 @@ def fingerprint(run: dict) -> str | None:
 def load_runs(specs: list[str], storage: str = ".benchmarks") -> list[dict]:
     """The runs `specs` name (latest when empty), loaded and checked."""
     return [load_run(p) for p in find_runs(specs, storage)]
+
+
+def append_record(path: str, record: dict) -> None:
+    """Append one finished benchmark to the live results file, durably, so a crash later loses nothing."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(record, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_records(path: str) -> list[dict]:
+    """The records of a live results file; a line cut short by a crash is skipped, the others stand."""
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass
+    return out

@@ -11,9 +11,9 @@ from collections import defaultdict
 
 import numpy as np
 
-from fixtures.trace import PID_CF, PID_GPU, PID_RANKS, PID_REQ
-
+from .metrics import comm_share
 from .storage import DataError
+from .tracefile import PID_CF, PID_GPU, PID_RANKS, PID_REQ
 
 
 def add_parser(sub) -> None:
@@ -67,7 +67,8 @@ def summarize(events: list[dict]) -> dict:
            "prefill_ms_p50": _ms(spans[(PID_REQ, "prefill")], 50), "decode_step_ms_p50": _ms(decode, 50),
            "decode_step_ms_p99": _ms(decode, 99), "comm_free_step_ms_p50": _ms(cf, 50)}
     if decode and cf:
-        out["comm_share"] = 1 - float(np.median(cf)) / float(np.median(decode))
+        share, why = comm_share(float(np.median(decode)), float(np.median(cf)))
+        out["comm_share" if share is not None else "comm_share_note"] = share if share is not None else why
     out["rank_step_ms_p50"] = {f"rank {r}": _ms(v, 50) for r, v in sorted(rank_steps.items())}
     skews = [max(v) - min(v) for v in ends.values() if len(v) > 1]
     if skews:

@@ -4,21 +4,23 @@ communication share of a step (wrong numbers, same compute: a measurement tool o
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 
-ALLREDUCE_CHOICES = ("nccl", "symm", "auto")
+from llm_bench.options import ALLREDUCE_CHOICES
 # One-shot reads every peer's whole buffer: good for decode messages (a few KB..MB), not prefill.
 SYMM_MAX_BYTES = 4 << 20
 
 
 class Comm:
-    """All-reduce and sampling collectives of one rank, with a switch to no-ops (`comm_free`)."""
+    """All-reduce and sampling collectives of one rank; `free()` turns them into no-ops for a while."""
 
     def __init__(self, rank: int, world: int, device: torch.device, dtype: torch.dtype,
                  allreduce: str = "auto"):
         if allreduce not in ALLREDUCE_CHOICES:
-            raise ValueError(f"--allreduce must be one of {ALLREDUCE_CHOICES}, got {allreduce!r}")
+            raise ValueError(f"allreduce must be one of {ALLREDUCE_CHOICES}, got {allreduce!r}")
         self.rank, self.world, self.device = rank, world, device
         self.comm_free = False
         self.symm_buf = None
@@ -30,10 +32,22 @@ class Comm:
             except Exception as e:  # noqa: BLE001 - the reason is recorded and reported
                 self.symm_error = f"{type(e).__name__}: {e}"
                 if allreduce == "symm":
-                    raise RuntimeError(f"--allreduce symm is not available here: {self.symm_error}") from e
+                    raise RuntimeError(f"allreduce 'symm' is not available here: {self.symm_error}") from e
         if device.type != "cuda" and allreduce == "symm":
-            raise RuntimeError("--allreduce symm needs CUDA GPUs (symmetric memory); use nccl/auto")
+            raise RuntimeError("allreduce 'symm' needs CUDA GPUs (symmetric memory); use nccl or auto")
         self.backend = "symm" if self.symm_buf is not None else dist.get_backend() if world > 1 else "none"
+
+    @contextlib.contextmanager
+    def free(self, on: bool = True):
+        """Within: collectives are no-ops (wrong numbers, same compute), when `on`. The comm-free
+        variant of a step is built and run inside this; the previous state comes back on exit,
+        an exception included."""
+        before = self.comm_free
+        self.comm_free = on
+        try:
+            yield
+        finally:
+            self.comm_free = before
 
     def _init_symm(self, dtype: torch.dtype) -> None:
         import torch.distributed._symmetric_memory as symm_mem

@@ -1,4 +1,5 @@
-"""Model shapes: presets with the real Llama-3 shapes, and Hugging Face `config.json` loading.
+"""What the built-in engine runs: model shapes (presets with the real Llama-3 shapes, Hugging Face
+`config.json` loading) and the engine's typed configuration, the one object every rank receives.
 
 Random weights are enough for speed (decode time does not depend on weight values), so every preset
 can run without a download; a local checkpoint directory gives real weights.
@@ -6,12 +7,13 @@ can run without a download; a local checkpoint directory gives real weights.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
+from llm_bench import options
+from llm_bench.engine import ConfigError
 
-class ConfigError(ValueError):
-    """A model or engine configuration the runtime cannot run, with a message a user understands."""
+__all__ = ["ConfigError", "EngineConfig", "ModelConfig", "PRESETS", "from_hf_config", "resolve_model"]
 
 
 @dataclass(frozen=True)
@@ -133,3 +135,66 @@ def resolve_model(model: str) -> ModelConfig:
         return from_hf_config(model)
     raise ConfigError(f"unknown model '{model}': use a preset ({', '.join(PRESETS)}) "
                       f"or a local Hugging Face checkpoint directory")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """One built-in engine: model, TP size, overlap mode, the shapes it serves, and every engine option
+    of the contract (`llm_bench.options`, where their defaults and ranges are declared). Checked when
+    made; `resolved()` fills what depends on the device. The ranks receive it as is."""
+    model: str = "tiny"
+    tp: int = 1
+    device: str = "cpu"                  # "cpu" or "cuda"
+    overlap: str = "none"
+    batch_sizes: tuple = (1,)            # decode graphs are captured for these at build time
+    max_seq: int = 256                   # prompt + output tokens the KV cache holds
+    dtype: str | None = None             # default: bfloat16 on GPU, float32 on CPU
+    gpu_ids: tuple | None = None         # visible GPU indices for ranks 0..tp-1 (default 0..tp-1)
+    build_timeout: float = 1800.0        # start-up: weights, compiles, graphs
+    copy_bw: float | None = None         # known copy bandwidth (bytes/s) to skip measuring it again
+    attention_block_t: int = 64          # decode-attention tuning: keys per thread block ...
+    attention_warps: int = 4             # ... and warps (scripts/tune_decode_attention.py)
+    # The engine options of the contract (same names, defaults and checks as the pytest options).
+    engine_timeout: float = options.default("engine_timeout")
+    allreduce: str = options.default("allreduce")
+    num_streams: int = options.default("num_streams")
+    prefetch_mb: float | None = options.default("prefetch_mb")
+    cuda_graphs: bool | None = options.default("cuda_graphs")
+    compile: bool | None = options.default("compile")
+    decode_attention: str = options.default("decode_attention")
+    gemv: str = options.default("gemv")
+    pdl: bool | None = options.default("pdl")
+    seed: int = options.default("seed")
+
+    def __post_init__(self):
+        try:
+            for name in options.engine_fields():
+                options.check(name, getattr(self, name))
+            options.check("overlap_modes", [self.overlap])
+            options.check("tp_sizes", [self.tp])
+            options.check("batch_sizes", list(self.batch_sizes))
+        except options.OptionError as e:
+            raise ConfigError(str(e)) from None
+        if self.device not in ("cpu", "cuda"):
+            raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
+        if self.max_seq < 2:
+            raise ConfigError(f"max_seq must be >= 2 (a prompt token and an output token), got {self.max_seq}")
+
+    def resolved(self) -> "EngineConfig":
+        """Device-dependent choices made: bf16, torch.compile, CUDA graphs and PDL on CUDA; fp32 and
+        none of them on CPU (compiling needs a C++ compiler and minutes there)."""
+        cuda = self.device == "cuda"
+        return replace(
+            self, batch_sizes=tuple(sorted(set(int(b) for b in self.batch_sizes))),
+            dtype=self.dtype or ("bfloat16" if cuda else "float32"),
+            compile=cuda if self.compile is None else self.compile,
+            cuda_graphs=cuda if self.cuda_graphs is None else (self.cuda_graphs and cuda),
+            pdl=cuda if self.pdl is None else self.pdl,
+            gpu_ids=tuple(self.gpu_ids) if self.gpu_ids else tuple(range(self.tp)))
+
+    @property
+    def max_batch(self) -> int:
+        return max(self.batch_sizes)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -7,64 +7,20 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
 
-from .config import ConfigError, resolve_model
-from .procs import EngineError, EngineProcesses, free_port
-from .streams import ModeNotApplicable, applied_parts, check_applicable
+from llm_bench.engine import ConfigError, EngineError, Generation, ModeNotApplicable
+from llm_bench.procs import EngineProcesses
+
+from .config import EngineConfig, resolve_model
+from .streams import applied_parts, check_applicable
 
 __all__ = ["EngineConfig", "EngineError", "Generation", "TPEngine", "visible_gpus"]
 
-
-@dataclass
-class EngineConfig:
-    model: str = "tiny"
-    tp: int = 1
-    device: str = "cpu"               # "cpu" or "cuda"
-    overlap: str = "none"
-    allreduce: str = "auto"           # nccl | symm | auto (symm where it works, else NCCL)
-    batch_sizes: tuple = (1,)         # decode graphs are captured for these at build time
-    max_seq: int = 256                # prompt + output tokens the KV cache holds
-    seed: int = 0
-    num_streams: int = 2
-    dtype: str | None = None          # default: bfloat16 on GPU, float32 on CPU
-    cuda_graphs: bool = True
-    compile: bool | None = None       # torch.compile the blocks (model.compiled_blocks); default: on for CUDA
-    decode_attention: str = "auto"    # auto | triton | sdpa (kernels.choose)
-    gemv: str = "auto"                # batch-1 weight products: auto | triton | torch (overlap/gemv.py)
-    gpu_ids: tuple | None = None      # visible GPU indices for ranks 0..tp-1 (default 0..tp-1)
-    timeout_s: float = 300.0          # one request (and NCCL's own timeout)
-    build_timeout_s: float = 1800.0   # start-up: weights, graphs
-    prefetch_bytes: int | None = None  # L2 prefetch budget per all-reduce (default: half of L2)
-    copy_bw: float | None = None      # known copy bandwidth (bytes/s) to skip measuring it again
-
-    def resolved(self) -> "EngineConfig":
-        c = EngineConfig(**asdict(self))
-        c.batch_sizes = tuple(sorted(set(int(b) for b in c.batch_sizes)))
-        c.dtype = c.dtype or ("bfloat16" if c.device == "cuda" else "float32")
-        if c.compile is None:  # on CPU, compiling needs a C++ compiler and minutes: off unless asked
-            c.compile = c.device == "cuda"
-        c.gpu_ids = tuple(c.gpu_ids) if c.gpu_ids else tuple(range(c.tp))
-        return c
-
-
-@dataclass
-class Generation:
-    """One batch: tokens per request and when each step's tokens reached the host.
-
-    A static batch produces every request's i-th token in the same step, so `token_ns` is shared."""
-    tokens: list[list[int]]
-    submit_ns: int
-    token_ns: list[int]
-    start_ns: int = 0                 # when rank 0 began prefill
-    info: dict = field(default_factory=dict)
-    request_token_ns: list | None = None  # per-request times, for engines whose requests run apart
-    rank_token_ns: list | None = None     # per rank: when each step ended on that rank's host
-
-    def times_per_request(self) -> list[list[int]]:
-        return self.request_token_ns or [self.token_ns] * len(self.tokens)
+# The ranks talk over loopback only: NCCL's bootstrap and socket transport, and gloo, bind there.
+LOOPBACK_ENV = {"NCCL_SOCKET_IFNAME": "lo", "GLOO_SOCKET_IFNAME": "lo"}
 
 
 def visible_gpus() -> int:
@@ -86,23 +42,17 @@ class TPEngine:
         self.config = c = config.resolved()
         cfg = resolve_model(c.model)
         cfg.check_tp(c.tp)
-        for b in c.batch_sizes:
-            if b < 1:
-                raise ConfigError(f"batch size must be >= 1, got {b}")
         if c.device == "cuda":
             n = visible_gpus()
             need = max(c.gpu_ids) + 1
             if need > n or len(c.gpu_ids) != c.tp:
                 raise ConfigError(f"TP={c.tp} needs {c.tp} GPUs (ids {list(c.gpu_ids)}) but {n} "
                                   f"{'is' if n == 1 else 'are'} visible")
-        elif c.device != "cpu":
-            raise ConfigError(f"device must be 'cpu' or 'cuda', got {c.device!r}")
         self.model_config = cfg
-        self.logdir = tempfile.mkdtemp(prefix=f"llm-bench-{c.model.replace('/', '_')}-tp{c.tp}-")
-        spec = asdict(c)
-        spec["max_batch"] = max(c.batch_sizes)
-        spec["port"] = free_port()  # torch.distributed's rendezvous, the same for every rank
-        self.procs = EngineProcesses("overlap.worker", c.tp, spec, self.logdir, c.build_timeout_s)
+        self.logdir = tempfile.mkdtemp(prefix=f"llm-bench-{os.path.basename(c.model.rstrip('/'))}-tp{c.tp}-")
+        # torch.distributed's rendezvous: a file store in the log folder, so nothing listens on a port.
+        spec = {"config": c, "store": os.path.join(self.logdir, "rendezvous")}
+        self.procs = EngineProcesses("overlap.worker", c.tp, spec, self.logdir, c.build_timeout, env=LOOPBACK_ENV)
         self.ranks = self.procs.ready
 
     @property
@@ -142,7 +92,7 @@ class TPEngine:
         prompts = self._prompts(prompts, max_tokens)
         submit = time.perf_counter_ns()
         self.procs.send(("generate", prompts, int(max_tokens), bool(comm_free)))
-        replies = self.procs.collect("generate", self.config.timeout_s)
+        replies = self.procs.collect("generate", self.config.engine_timeout)
         res = replies[0][1]
         info = {"overlap_applied": ",".join(applied_parts(self.config.overlap, len(prompts))) or "none"}
         if "mem_peak_gb" in res:
@@ -158,7 +108,7 @@ class TPEngine:
         """One generation under torch.profiler on every rank, merged into one Chrome trace at `path`
         with one process per rank (kernel-level view: GEMMs, attention, NCCL/symm all-reduces)."""
         self.procs.send(("profile", self._prompts(prompts, max_tokens), int(max_tokens), path))
-        self.procs.collect("torch profile", self.config.timeout_s)
+        self.procs.collect("torch profile", self.config.engine_timeout)
         merged = []
         for r in range(self.config.tp):
             part = f"{path}.rank{r}"
@@ -177,16 +127,16 @@ class TPEngine:
 
     def logits(self, prompts: list[list[int]]):
         self.procs.send(("logits", self._prompts(prompts)))
-        return self.procs.collect("logits", self.config.timeout_s)[0][1]
+        return self.procs.collect("logits", self.config.engine_timeout)[0][1]
 
     def collective(self, nbytes: int, iters: int = 50, use_graph: bool = True) -> dict:
         self.procs.send(("collective", int(nbytes), int(iters), bool(use_graph)))
-        return self.procs.collect("collective benchmark", self.config.timeout_s)[0][1]
+        return self.procs.collect("collective benchmark", self.config.engine_timeout)[0][1]
 
     def crash_rank(self, rank: int) -> None:
         """Test hook: SIGKILL one rank as if it segfaulted, then report like any dead rank."""
         self.procs.send(("crash", rank))
-        self.procs.collect("crash test", self.config.timeout_s)
+        self.procs.collect("crash test", self.config.engine_timeout)
 
     def describe(self) -> dict:
         c, r0 = self.config, self.ranks[0]
@@ -194,7 +144,8 @@ class TPEngine:
             "engine": self.name, "model": c.model, "tp": c.tp, "device": c.device, "overlap": c.overlap,
             "dtype": r0["dtype"], "allreduce": r0["allreduce"], "allreduce_requested": c.allreduce,
             "symm_error": r0["symm_error"], "cuda_graphs": r0["cuda_graphs"], "compiled": r0["compiled"],
-            "decode_attention": r0["decode_attention"], "gemv": r0["gemv"],
+            "decode_attention": r0["decode_attention"], "gemv": r0["gemv"], "pdl": r0["pdl"],
+            "copy_bw_reused": r0["copy_bw_reused"],
             "prefetch_bytes": r0["prefetch_bytes"], "num_streams": c.num_streams,
             "weight_bytes_per_step": r0["weight_bytes_per_step"], "kv_bytes_per_token": r0["kv_bytes_per_token"],
             "copy_bw_bytes_per_s": [r["copy_bw_bytes_per_s"] for r in self.ranks],

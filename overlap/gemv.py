@@ -2,19 +2,17 @@
 fixed configuration per shape, and the residual add + RMSNorm between them.
 
 Why: a batch-1 decode step is ~230 weight GEMVs that should each run at the card's read bandwidth.
-Under torch.compile with coordinate-descent tuning Inductor writes such a kernel too, but tunes it in
-every process by timing candidates, and the pick moved with the process: on one H200 with a warm
-cache the same w13 GEMV took 52.7, 69.8 and 53.5 us in three processes, and the engine's TPOT moved
-by up to 6% between pytest sessions of one commit. Here the configuration is a table measured once
-(`scripts/tune_gemv.py`, all 32 layers' weights in turn so that nothing is served from L2), so two
-engine processes run the same kernels.
+Under torch.compile Inductor writes such a kernel too, but tunes it in every process by timing
+candidates, and its pick (hence TPOT) moved with the process (NOTES-gpu.md, fourth session). Here
+the configuration is a table measured once (`scripts/tune_gemv.py`, every layer's weights in turn
+so that nothing is served from L2), so every engine process runs the same kernels.
 
 The gate/up projection has its own entry point: both halves of w13 are read by one program and
 SiLU(gate) * up is its epilogue, so the intermediate activation never goes through memory twice.
 
-On Hopper every kernel here is launched with programmatic dependent launch (kernels.pdl_args): it starts
-at its predecessor's tail and streams its first weight columns before waiting for it. The norm is
-here so that no kernel without PDL sits between two GEMVs (measured on H200: step 4.009 -> 3.803 ms).
+On Hopper every kernel here can be launched with programmatic dependent launch (`pdl`, see
+kernels.pdl_args): it starts at its predecessor's tail and streams its first weight columns before
+waiting for it. The norm is here so that no kernel without PDL sits between two GEMVs.
 """
 from __future__ import annotations
 
@@ -96,11 +94,10 @@ if triton is not None:
         tl.store(h + d, (r * inv * wv).to(h.dtype.element_ty), mask=m)
 
 
-# (rows, columns, swiglu) -> (BLOCK_N, BLOCK_K, num_warps): the fastest of 66 configurations per shape
-# in scripts/tune_gemv.py on one H200 (2026-11-26), Llama-3-8B at TP=1 and TP=2 (NOTES-gpu.md, fifth
-# session). Shapes not listed take DEFAULT, the best all-rounder of that sweep (within 3% of each
-# shape's best on geometric mean, 9% at worst). No num_stages: these loads feed no tl.dot, so Triton
-# does not pipeline them; the column loop has a constant trip count and is unrolled instead.
+# (rows, columns, swiglu) -> (BLOCK_N, BLOCK_K, num_warps): the fastest configuration per shape of
+# scripts/tune_gemv.py's sweep on one H200, Llama-3-8B at TP=1 and TP=2 (NOTES-gpu.md, fifth session).
+# Shapes not listed take DEFAULT, the best all-rounder of that sweep. No num_stages: these loads feed
+# no tl.dot, so Triton does not pipeline them; the column loop has a constant trip count and is unrolled.
 CONFIGS: dict[tuple[int, int, bool], tuple[int, int, int]] = {
     (6144, 4096, False): (2, 128, 1), (4096, 4096, False): (4, 1024, 2), (14336, 4096, True): (1, 1024, 2),
     (4096, 14336, False): (1, 256, 1), (128256, 4096, False): (2, 1024, 2),  # TP=1
@@ -115,7 +112,7 @@ def config(n: int, k: int, swiglu: bool) -> tuple[int, int, int]:
     return CONFIGS.get((n, k, swiglu), DEFAULT)
 
 
-def _launch(x: torch.Tensor, w: torch.Tensor, n: int, swiglu: bool, cfg=None) -> torch.Tensor:
+def _launch(x: torch.Tensor, w: torch.Tensor, n: int, swiglu: bool, cfg=None, pdl: bool = True) -> torch.Tensor:
     k = w.shape[1]
     assert x.numel() == k and w.stride(1) == 1, (x.shape, w.shape, w.stride())
     block_n, block_k, warps = cfg or config(n, k, swiglu)
@@ -123,22 +120,22 @@ def _launch(x: torch.Tensor, w: torch.Tensor, n: int, swiglu: bool, cfg=None) ->
     _gemv_kernel[(triton.cdiv(n, block_n),)](
         x.reshape(k).contiguous(), w, y, n, w.stride(0), n if swiglu else 0,
         K=k, BLOCK_N=block_n, BLOCK_K=block_k, SWIGLU=swiglu, EVEN=n % block_n == 0 and k % block_k == 0,
-        num_warps=warps, num_stages=1, **pdl_args(x.device))
+        num_warps=warps, num_stages=1, **pdl_args(x.device, pdl))
     return y
 
 
-def gemv(x: torch.Tensor, w: torch.Tensor, cfg=None) -> torch.Tensor:
+def gemv(x: torch.Tensor, w: torch.Tensor, cfg=None, pdl: bool = True) -> torch.Tensor:
     """`x @ w.T` for one row `x` [..., K] (all leading sizes 1) and a weight [N, K] in HF layout."""
-    return _launch(x, w, w.shape[0], False, cfg)
+    return _launch(x, w, w.shape[0], False, cfg, pdl)
 
 
-def gemv_swiglu(x: torch.Tensor, w13: torch.Tensor, inter: int, cfg=None) -> torch.Tensor:
+def gemv_swiglu(x: torch.Tensor, w13: torch.Tensor, inter: int, cfg=None, pdl: bool = True) -> torch.Tensor:
     """SiLU(x @ gate.T) * (x @ up.T) for one row, with the fused weight w13 = [gate; up] [2 inter, K]."""
     assert w13.shape[0] == 2 * inter, (w13.shape, inter)
-    return _launch(x, w13, inter, True, cfg)
+    return _launch(x, w13, inter, True, cfg, pdl)
 
 
-def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm_w: torch.Tensor, eps: float):
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm_w: torch.Tensor, eps: float, pdl: bool = True):
     """model.add_rms_norm for one row: (residual stream, normalised input of the next GEMV)."""
     D = x.shape[-1]
     assert x.numel() == D and x.is_contiguous() and (delta is None or delta.is_contiguous()), (x.shape, delta)
@@ -146,5 +143,5 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, norm_w: torch.Tens
     h = torch.empty_like(x)
     _add_rms_norm_kernel[(1,)](x, x if delta is None else delta, norm_w, res, h, eps, D=D,
                                BLOCK=triton.next_power_of_2(D), HAS_DELTA=delta is not None,
-                               num_warps=8 if D >= 2048 else 4, **pdl_args(x.device))
+                               num_warps=8 if D >= 2048 else 4, **pdl_args(x.device, pdl))
     return res, h

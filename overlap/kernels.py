@@ -1,9 +1,8 @@
 """One Triton kernel for the decode step's attention: RoPE on this step's q and k, the K/V cache write
 and attention over the cache, for one new token per sequence.
 
-Why: at batch 1 the attention sublayer's own work is ~1 MB of cache reads per layer, but done as
-RoPE + two cache scatters + SDPA it was five kernels and ~13 us per layer on H200 (cuDNN's flash
-kernel alone 8.5 us: 8 thread blocks for 8 KV heads, each waiting on its loads in turn). Here it is
+Why: done as RoPE + two cache scatters + SDPA, the attention sublayer of a decode step is five
+latency-bound kernels around ~1 MB of cache reads per layer (NOTES-gpu.md, third session). Here it is
 one kernel per layer: each (sequence, KV head) is split over blocks of keys, one thread block each,
 that read the cache once for all G query heads sharing it (GQA) and skip the keys past the current
 position; the last block to finish combines the partial softmaxes (flash-decoding, in one launch).
@@ -14,8 +13,11 @@ runs here. On CPU the tests run the kernels through Triton's interpreter (TRITON
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import torch
+
+from llm_bench.options import KERNEL_CHOICES
 
 try:
     import triton
@@ -24,12 +26,15 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
 
 
-# Per option, its choices: `auto`, the Triton kernel, and the torch path it replaces.
-CHOICES = {"--decode-attention": ("auto", "triton", "sdpa"), "--gemv": ("auto", "triton", "torch")}
+class Tuning(NamedTuple):
+    """Launch choices of the step's Triton kernels, set per engine (EngineConfig) or by a script."""
+    pdl: bool = True              # programmatic dependent launch where the GPU has it (Hopper and later)
+    attention_block_t: int = 64   # decode attention: keys per thread block (scripts/tune_decode_attention.py)
+    attention_warps: int = 4
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    """Why `decode_attention` cannot run on `device` in this process (None: it can)."""
+    """Why the Triton kernels cannot run on `device` in this process (None: they can)."""
     if triton is None:
         return "Triton is not installed (pip install triton)"
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -37,29 +42,26 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-USE_PDL = True  # programmatic dependent launch where the GPU has it; step_anatomy --no-pdl turns it off
-
-
-def pdl_args(device: torch.device) -> dict:
+def pdl_args(device: torch.device, pdl: bool) -> dict:
     """Launch arguments of a Triton kernel with a `PDL` constexpr on `device`: programmatic dependent
-    launch on Hopper and later (not in Triton's CPU interpreter, which has no griddepcontrol). A kernel
-    launched so may start while the previous one finishes; it waits (gdc_wait) before it reads
-    anything an earlier kernel wrote."""
-    on = USE_PDL and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    launch on Hopper and later when `pdl` (not in Triton's CPU interpreter, which has no
+    griddepcontrol). A kernel launched so may start while the previous one finishes; it waits
+    (gdc_wait) before it reads anything an earlier kernel wrote."""
+    on = pdl and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
     return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
-def choose(option: str, choice: str, device: torch.device) -> str:
-    """The path to use for `option` (--decode-attention, --gemv) given `choice`: `auto` is the Triton
-    kernel wherever it can run, else the torch path; `triton` where it cannot is an error, not a
-    silent fallback."""
-    choices = CHOICES[option]
+def choose(kind: str, choice: str, device: torch.device) -> str:
+    """The path that runs for `kind` ("decode_attention" or "gemv") given `choice`: `auto` is the
+    Triton kernel wherever it can run, else the torch path; `triton` where it cannot is an error,
+    not a silent fallback."""
+    choices = KERNEL_CHOICES[kind]
     torch_path = choices[2]
     if choice not in choices:
-        raise ValueError(f"{option} must be one of {', '.join(choices)}, got {choice!r}")
+        raise ValueError(f"{kind} must be one of {', '.join(choices)}, got {choice!r}")
     why = None if choice == torch_path else unavailable_reason(device)
     if choice == "triton" and why:
-        raise RuntimeError(f"{option} triton cannot run here: {why}")
+        raise RuntimeError(f"{kind} 'triton' cannot run here: {why}")
     return torch_path if choice == torch_path or why else "triton"
 
 
@@ -164,26 +166,20 @@ if triton is not None:
                 tl.store(counters + pid, 0)  # ready for the next call
 
 
-BLOCK_T = 64  # keys per thread block: the cache of one (sequence, KV head) is split over ceil(T/64) blocks
-# Measured for 8B's shapes (scripts/tune_decode_attention.py): 6.4 us per call on H100 at bs1; on H200
-# 5.76 us at bs1 (best of 16 shapes 5.47) and 8.33 us at bs16 (best 7.6): kept for one shape everywhere.
-NUM_WARPS = 4
-
-
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int,
-                     counters: torch.Tensor, block_t: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+                     counters: torch.Tensor, tuning: Tuning = Tuning()) -> torch.Tensor:
     """Attention output [B, n_heads * D] for one new token per sequence.
 
     `qkv` [B, (n_heads + 2 n_kv) * D] is the QKV projection before RoPE, `cos`/`sin` the [max_seq, D]
     tables, `pos` a one-element tensor (the position of this token in every sequence, read on the
     device so a CUDA graph can replay it), caches [B, n_kv, max_seq, D]. Writes k and v at `pos`.
 
-    Flash-decoding: each (sequence, KV head) is split over blocks of `block_t` keys (one thread block
+    Flash-decoding: each (sequence, KV head) is split over blocks of `tuning.attention_block_t` keys (one thread block
     each: a single one per head left 8 SMs waiting on loads in turn), and the last block to finish
     combines the partial softmaxes. `counters` (int32 zeros, >= B * n_kv, kept by the caller) counts
     the finished blocks; the combining block sets its counter back to zero."""
-    block_t, num_warps = block_t or BLOCK_T, num_warps or NUM_WARPS  # read at call time: tuning sets them
+    block_t, num_warps = tuning.attention_block_t, tuning.attention_warps
     B = qkv.shape[0]
     T, D = k_cache.shape[-2], k_cache.shape[-1]
     G = n_heads // n_kv
@@ -201,5 +197,5 @@ def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, po
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), out.stride(0),
         n_heads, n_kv, n_split, D ** -0.5,
         G=G, D=D, BLOCK_G=max(16, triton.next_power_of_2(G)), BLOCK_D=max(16, triton.next_power_of_2(D)),
-        BLOCK_T=block_t, IEEE=qkv.dtype == torch.float32, num_warps=num_warps, **pdl_args(qkv.device))
+        BLOCK_T=block_t, IEEE=qkv.dtype == torch.float32, num_warps=num_warps, **pdl_args(qkv.device, tuning.pdl))
     return out

@@ -45,10 +45,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def add_rms_norm(x, delta, norm_w, eps: float):
     """Residual add of the previous sublayer's all-reduced output `delta` (None before the first
-    layer), then RMSNorm: (residual stream, normalised input of the next GEMM). One kernel under
-    --compile. The add lives here, not after the all-reduce, so that it fuses with the norm; the
-    normalised activation is written out (8 KB at batch 1) rather than recomputed inside the GEMV
-    that reads it (Inductor's fused prologue cost 2-8 us per GEMV on H200/H100)."""
+    layer), then RMSNorm: (residual stream, normalised input of the next GEMM). One kernel when
+    compiled. The add lives here, not after the all-reduce, so that it fuses with the norm; the
+    normalised activation is written out rather than recomputed inside the GEMV that reads it
+    (Inductor's fused prologue was slower per GEMV: NOTES-gpu.md, third session)."""
     if delta is not None:
         x = x + delta
     return x, F.rms_norm(x, (x.shape[-1],), norm_w, eps)
@@ -90,11 +90,10 @@ def swiglu_up(h, w13, inter: int):
     """SiLU(h @ gate.T) * (h @ up.T) with the fused gate/up weight `w13` [2 * inter, hidden].
 
     Its own block, apart from the down projection: compiled together, Inductor fused SiLU*mul into
-    the down GEMV's loads and recomputed it for every output row (measured on H200: 55 instead of
-    29 us per layer). At one row (batch-1 decode) the two halves are separate products: under
-    --compile each becomes a multiply-reduce over the same input, which Inductor fuses into one
-    kernel with SiLU*mul as its epilogue (one kernel per layer instead of a GEMV plus a pointwise
-    one). With more rows they are GEMMs, which take no epilogue: one GEMM over both halves."""
+    the down GEMV's loads and recomputed it for every output row. At one row (batch-1 decode) the two
+    halves are separate products: compiled, each becomes a multiply-reduce over the same input, which
+    Inductor fuses into one kernel with SiLU*mul as its epilogue. With more rows they are GEMMs, which
+    take no epilogue: one GEMM over both halves."""
     if one_row(h):
         g, u = matvec(h, w13[:inter]), matvec(h, w13[inter:])
     else:
@@ -107,8 +106,8 @@ def greedy_local(logits):
     greedy sampling never needs the whole logits gathered.
 
     In two levels, over up to 256 equal blocks of the vocabulary and then over the blocks' maxima:
-    Inductor runs a one-row max+argmax over 128K logits as one looped program (16 us per step on
-    H200); the blocks run in parallel. Ties still go to the lowest index (first block, first in it)."""
+    Inductor runs a one-row max+argmax over 128K logits as one looped program; the blocks run in
+    parallel. Ties still go to the lowest index (first block, first in it)."""
     logits = logits.float()
     n = logits.shape[-1]
     k = math.gcd(n, 256)
@@ -132,18 +131,15 @@ EAGER = Blocks(add_rms_norm, matvec, attend, swiglu_up, greedy_local)
 
 
 def compiled_blocks() -> Blocks:
-    """The blocks under torch.compile (--compile): whole-graph, static shapes. The weights are
-    arguments, so all layers share one compiled kernel set per (batch, length) shape; collectives
-    stay outside (they run between the blocks), and the decode-step CUDA graph captures the compiled
-    kernels like any others.
+    """The blocks under torch.compile: whole-graph, static shapes. The weights are arguments, so all
+    layers share one compiled kernel set per (batch, length) shape; collectives stay outside (they
+    run between the blocks), and the decode-step CUDA graph captures the compiled kernels like any
+    others.
 
-    Coordinate-descent tuning is on for the blocks with weight products because of what it changes
-    at batch 1: Inductor then rewrites a matrix-vector product as a multiply-reduce Triton kernel
-    tuned per shape instead of a cuBLAS call (see inductor/decomposition.py `mm`): measured on H200,
-    4.1-4.5 TB/s against cuBLAS's 3.0-4.2. It is off for the norm and attention blocks: in place, the
-    tuner's pick of the add+RMSNorm kernel took 2.2 to 4.0 us per call in different processes on H200
-    (64 calls per step: up to 0.13 ms); alone, three fresh compiles each took 1.6-2.0 us without the
-    tuning and 2.0-2.1 us with it (scripts/tune_norm.py, H200)."""
+    Coordinate-descent tuning is on for the blocks with weight products only: at batch 1 Inductor then
+    writes a matrix-vector product as a multiply-reduce Triton kernel tuned per shape, faster than
+    cuBLAS's GEMV; for the norm and attention blocks the tuner's picks varied between processes and
+    were no faster (NOTES-gpu.md, fourth session)."""
     import torch._dynamo
 
     cfg = torch._dynamo.config
@@ -160,18 +156,19 @@ def compiled_blocks() -> Blocks:
                   swiglu_up=comp(swiglu_up, True), greedy=comp(greedy_local, False))
 
 
-def with_triton_gemv(b: Blocks) -> Blocks:
+def with_triton_gemv(b: Blocks, pdl: bool) -> Blocks:
     """`b` with its one-row blocks (batch-1 decode) in overlap/gemv.py's kernels: the weight products
-    with a fixed configuration per shape, and the add+RMSNorm between them, so that on Hopper every
-    kernel from one GEMV to the next is launched with PDL. More rows (prefill, larger batches) stay in `b`."""
+    with a fixed configuration per shape, and the add+RMSNorm between them, so that with `pdl` on
+    Hopper every kernel from one GEMV to the next is launched with PDL. More rows (prefill, larger
+    batches) stay in `b`."""
     def norm(x, delta, norm_w, eps: float):
-        return gemv.add_rms_norm(x, delta, norm_w, eps) if one_row(x) else b.norm(x, delta, norm_w, eps)
+        return gemv.add_rms_norm(x, delta, norm_w, eps, pdl=pdl) if one_row(x) else b.norm(x, delta, norm_w, eps)
 
     def mv(a, w):
-        return gemv.gemv(a, w) if one_row(a) else b.matvec(a, w)
+        return gemv.gemv(a, w, pdl=pdl) if one_row(a) else b.matvec(a, w)
 
     def up(h, w13, inter: int):
-        return gemv.gemv_swiglu(h, w13, inter) if one_row(h) else b.swiglu_up(h, w13, inter)
+        return gemv.gemv_swiglu(h, w13, inter, pdl=pdl) if one_row(h) else b.swiglu_up(h, w13, inter)
     return b._replace(norm=norm, matvec=mv, swiglu_up=up)
 
 
@@ -256,7 +253,7 @@ class TPLlama:
 
     def __init__(self, cfg: ModelConfig, comm: Comm, streams: StreamManager, *, max_batch: int,
                  max_seq: int, seed: int = 0, dtype: torch.dtype = torch.float32, compile: bool = False,
-                 decode_attention: str = "sdpa", gemv: str = "torch"):
+                 decode_attention: str = "sdpa", gemv: str = "torch", tuning: kernels.Tuning = kernels.Tuning()):
         cfg.check_tp(comm.world)
         self.cfg, self.comm, self.streams = cfg, comm, streams
         self.rank, self.world, self.device, self.dtype = comm.rank, comm.world, comm.device, dtype
@@ -291,11 +288,12 @@ class TPLlama:
         ang = torch.cat([ang, ang], dim=-1)
         self.cos, self.sin = ang.cos().to(dtype), ang.sin().to(dtype)
         self.key_pos = torch.arange(max_seq, device=self.device)
-        self.decode_attention = kernels.choose("--decode-attention", decode_attention, self.device)
-        self.gemv = kernels.choose("--gemv", gemv, self.device)
+        self.tuning = tuning
+        self.decode_attention = kernels.choose("decode_attention", decode_attention, self.device)
+        self.gemv = kernels.choose("gemv", gemv, self.device)
         self.fns = compiled_blocks() if compile else EAGER
         if self.gemv == "triton":
-            self.fns = with_triton_gemv(self.fns)
+            self.fns = with_triton_gemv(self.fns, tuning.pdl)
         # The decode-attention kernel's finished-block counters: zeros that each call leaves at zero.
         self.attn_counters = torch.zeros(max_batch * self.n_kv, dtype=torch.int32, device=self.device)
 
@@ -333,7 +331,7 @@ class TPLlama:
         qkv = f.matvec(h, L.wqkv)
         if self._decode_kernel(x.shape[1]):
             y = kernels.decode_attention(qkv, self.cos, self.sin, pos, kc, vc, self.n_heads, self.n_kv,
-                                         self.attn_counters).view(x.shape[0], 1, -1)
+                                         self.attn_counters, self.tuning).view(x.shape[0], 1, -1)
         else:
             y = f.attend(qkv, kc, vc, cos, sin, pos, mask, self.n_heads, self.n_kv, self.hd)
         return x, f.matvec(y, L.wo)

@@ -12,33 +12,41 @@ import time
 import torch
 
 from .comm import Comm
-from .config import resolve_model
+from .config import EngineConfig, resolve_model
+from .kernels import Tuning
 from .model import TPLlama
 from .streams import StreamManager, check_applicable, decode_chunks, prefill_chunks
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 class Runner:
-    def __init__(self, rank: int, world: int, device: torch.device, spec: dict):
-        self.rank, self.world, self.device, self.spec = rank, world, device, spec
-        cfg = resolve_model(spec["model"])
-        dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[spec["dtype"]]
-        self.comm = Comm(rank, world, device, dtype, spec["allreduce"])
-        self.sm = StreamManager(device, spec["overlap"], spec["num_streams"], spec.get("prefetch_bytes"))
-        self.model = TPLlama(cfg, self.comm, self.sm, max_batch=spec["max_batch"], max_seq=spec["max_seq"],
-                             seed=spec["seed"], dtype=dtype, compile=spec.get("compile", False),
-                             decode_attention=spec.get("decode_attention", "sdpa"), gemv=spec.get("gemv", "torch"))
+    """One rank of the built-in engine: its model shard, CUDA graphs and the generate loop.
+    `config` is the engine's resolved EngineConfig, the same object on every rank. Decode graphs for
+    every batch size are built at start-up (`build_graphs`; a script may build them itself)."""
+
+    def __init__(self, rank: int, world: int, device: torch.device, config: EngineConfig, build_graphs: bool = True):
+        self.rank, self.world, self.device, self.config = rank, world, device, config
+        c = config
+        dtype = DTYPES[c.dtype]
+        self.comm = Comm(rank, world, device, dtype, c.allreduce)
+        prefetch = None if c.prefetch_mb is None else int(c.prefetch_mb * 2**20)
+        self.sm = StreamManager(device, c.overlap, c.num_streams, prefetch)
+        self.model = TPLlama(resolve_model(c.model), self.comm, self.sm, max_batch=c.max_batch, max_seq=c.max_seq,
+                             seed=c.seed, dtype=dtype, compile=c.compile, decode_attention=c.decode_attention,
+                             gemv=c.gemv, tuning=Tuning(c.pdl, c.attention_block_t, c.attention_warps))
         self.cuda = device.type == "cuda"
-        self.use_graphs = self.cuda and spec["cuda_graphs"]
+        self.use_graphs = self.cuda and c.cuda_graphs
         self.graphs: dict = {}
         self.bufs: dict = {}
         if world > 1:  # first collective outside any graph capture (NCCL communicator set-up)
             t = torch.ones(1, device=device)
             torch.distributed.all_reduce(t)
-        self.copy_bw = spec.get("copy_bw") or (self._measure_copy_bw() if self.cuda else None)
+        self.copy_bw = c.copy_bw or (self._measure_copy_bw() if self.cuda else None)
         self.timestamp_ns = self._timestamp_cost_ns()
-        for b in spec["batch_sizes"]:
-            if check_applicable(spec["overlap"], b, decode=True) is None:
-                self._graph(b, False)
+        for b in c.batch_sizes if build_graphs else ():
+            if check_applicable(c.overlap, b, decode=True) is None:
+                self.decode_graphs(b, False)
 
     # -- description ---------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -47,7 +55,8 @@ class Runner:
             "rank": self.rank, "device": str(self.device), "dtype": str(m.dtype).replace("torch.", ""),
             "allreduce": self.comm.backend, "symm_error": self.comm.symm_error,
             "weight_bytes_per_step": m.weight_bytes_per_step(), "kv_bytes_per_token": m.kv_bytes_per_token(),
-            "copy_bw_bytes_per_s": self.copy_bw, "cuda_graphs": self.use_graphs, "compiled": bool(self.spec.get("compile")),
+            "copy_bw_bytes_per_s": self.copy_bw, "copy_bw_reused": bool(self.config.copy_bw),
+            "cuda_graphs": self.use_graphs, "compiled": self.config.compile, "pdl": self.model.tuning.pdl,
             "decode_attention": m.decode_attention, "gemv": m.gemv,
             "prefetch_bytes": self.sm.prefetch_bytes if self.sm.prefetch_stream is not None else 0,
             "torch": torch.__version__, "streams_created": StreamManager.created,
@@ -88,7 +97,7 @@ class Runner:
         return 2 * n / times[len(times) // 2]
 
     # -- decode steps and their graphs ---------------------------------------------------------------
-    def _buffers(self, b: int):
+    def buffers(self, b: int) -> dict:
         if b not in self.bufs:
             z = lambda: torch.zeros(b, dtype=torch.long, device=self.device)  # noqa: E731
             pin = self.cuda
@@ -101,8 +110,8 @@ class Runner:
 
     def _step_body(self, b: int, src: int):
         """One decode step: tokens in buffer `src` at position `pos` -> next tokens in buffer 1-src."""
-        buf = self._buffers(b)
-        chunks = decode_chunks(self.spec["overlap"], b, self.spec["num_streams"])
+        buf = self.buffers(b)
+        chunks = decode_chunks(self.config.overlap, b, self.config.num_streams)
 
         def body():
             nxt = self.model.forward_next(buf["tok"][src].view(b, 1), buf["pos"], chunks)
@@ -110,7 +119,7 @@ class Runner:
             buf["pos"].add_(1)
         return body
 
-    def _capture(self, fns: list, reset=None) -> list:
+    def capture(self, fns: list, reset=None) -> list:
         """CUDA graphs of `fns` (after two warm-up runs each on a side stream, as capture requires);
         the functions themselves where graphs are off. `reset` restores state the warm-ups advanced."""
         if not self.use_graphs:
@@ -135,14 +144,15 @@ class Runner:
             graphs.append(g.replay)
         return graphs
 
-    def _graph(self, b: int, comm_free: bool):
-        """Decode graphs for batch `b`: one per direction of the two token buffers."""
+    def decode_graphs(self, b: int, comm_free: bool) -> list:
+        """Decode steps for batch `b` (graphs where they are on): one per direction of the two token
+        buffers. `comm_free`: the same steps with collectives as no-ops (a measurement tool)."""
         key = (b, comm_free)
         if key not in self.graphs:
-            self.comm.comm_free = comm_free
-            pos = self._buffers(b)["pos"]
+            pos = self.buffers(b)["pos"]
             pos.zero_()  # warm-up steps advance it: start inside the cache
-            self.graphs[key] = self._capture([self._step_body(b, 0), self._step_body(b, 1)], reset=pos.zero_)
+            with self.comm.free(comm_free):
+                self.graphs[key] = self.capture([self._step_body(b, 0), self._step_body(b, 1)], reset=pos.zero_)
         return self.graphs[key]
 
     def _prefill(self, b: int, p: int, comm_free: bool):
@@ -150,15 +160,15 @@ class Runner:
         hundreds of launches, so its time (TTFT) would follow the host's speed, not the GPU's."""
         key = ("prefill", b, p, comm_free)
         if key not in self.graphs:
-            self.comm.comm_free = comm_free
             tok = torch.zeros(b, p, dtype=torch.long, device=self.device)
             pos = torch.arange(p, device=self.device)
             out = torch.zeros(b, dtype=torch.long, device=self.device)
-            chunks = prefill_chunks(self.spec["overlap"], b, p, self.spec["num_streams"])
+            chunks = prefill_chunks(self.config.overlap, b, p, self.config.num_streams)
 
             def body():
                 out.copy_(self.model.forward_next(tok, pos, chunks))
-            (run,) = self._capture([body])
+            with self.comm.free(comm_free):
+                (run,) = self.capture([body])
             # `pos` must live as long as the graph: the graph reads its memory, and a tensor only
             # the dropped closure held would go back to the allocator and be reused (seen on H200:
             # garbage positions, an out-of-bounds RoPE gather after later captures).
@@ -178,11 +188,16 @@ class Runner:
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_tokens: int, comm_free: bool = False) -> dict:
+        """One batch, greedy, exactly `max_tokens` tokens: rank 0's token timestamps, the tokens, and
+        the GPU idle time between decode steps (CUDA events, rank 0)."""
+        with self.comm.free(comm_free):
+            return self._generate(prompts, max_tokens, comm_free)
+
+    def _generate(self, prompts: list[list[int]], max_tokens: int, comm_free: bool) -> dict:
         b, p = len(prompts), len(prompts[0])
-        steps = self._graph(b, comm_free) if max_tokens > 1 else None
+        steps = self.decode_graphs(b, comm_free) if max_tokens > 1 else None
         tok_in, first, prefill, _ = self._prefill(b, p, comm_free)
-        self.comm.comm_free = comm_free  # after the captures: one may have switched it
-        buf = self._buffers(b)
+        buf = self.buffers(b)
         now = time.perf_counter_ns
         t_start = now()
         tok_in.copy_(torch.tensor(prompts, dtype=torch.long))
@@ -229,7 +244,6 @@ class Runner:
                 ready()
                 times.append(now())
                 out.append(buf["host_tok"][i % 2].tolist())
-        self.comm.comm_free = False
         res = {"token_ns": times, "start_ns": t_start}
         if len(marks) > 1:
             # GPU idle time between consecutive decode steps: what the host's turn-around costs.
@@ -271,7 +285,7 @@ class Runner:
         reps = []
         run = lambda: [self.comm.all_reduce(x) for _ in range(iters)]  # noqa: E731
         if self.cuda and use_graph:
-            (run,) = self._capture([run])
+            (run,) = self.capture([run])
         run()
         for _ in range(5):
             if self.cuda:

@@ -8,7 +8,11 @@ import contextlib
 
 import torch
 
-MODES = ("none", "prefetch", "pipeline", "double_buffer", "full")
+from llm_bench.engine import ModeNotApplicable
+from llm_bench.options import OVERLAP_MODES as MODES
+
+__all__ = ["MODES", "MODE_PARTS", "ModeNotApplicable", "StreamManager", "applied_parts", "check_applicable",
+           "decode_chunks", "prefill_chunks"]
 # What each mode switches on; `full` is all of them.
 MODE_PARTS = {
     "none": set(),
@@ -17,10 +21,6 @@ MODE_PARTS = {
     "double_buffer": {"double_buffer"},
     "full": {"prefetch", "pipeline", "double_buffer"},
 }
-
-
-class ModeNotApplicable(ValueError):
-    """An overlap mode that cannot apply to a configuration (it says why instead of running `none`)."""
 
 
 class StreamManager:
@@ -36,8 +36,8 @@ class StreamManager:
                  prefetch_bytes: int | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown overlap mode {mode!r}; choose from {', '.join(MODES)}")
-        if num_streams < 1:
-            raise ValueError("--num-streams must be >= 1")
+        if num_streams < 2:
+            raise ValueError(f"num_streams (micro-batches) must be >= 2, got {num_streams}")
         self.device, self.mode, self.parts = device, mode, MODE_PARTS[mode]
         self.num_streams = num_streams
         self.cuda = device.type == "cuda"
@@ -151,7 +151,7 @@ def _split(n: int, k: int) -> list[tuple[int, int]]:
 def decode_chunks(mode: str, batch: int, num_streams: int) -> list[tuple[int, int, int, int]]:
     """(b0, b1, s0, s1) ranges of a decode step: micro-batches when pipelining, else the whole batch."""
     if "pipeline" in MODE_PARTS[mode] and batch >= 2:
-        return [(b0, b1, 0, 1) for b0, b1 in _split(batch, max(2, num_streams))]
+        return [(b0, b1, 0, 1) for b0, b1 in _split(batch, num_streams)]
     return [(0, batch, 0, 1)]
 
 
@@ -159,7 +159,7 @@ def prefill_chunks(mode: str, batch: int, prompt_len: int, num_streams: int):
     """Prefill ranges: micro-batches for batch >= 2, sequence chunks (ISO style) for batch 1."""
     if "pipeline" not in MODE_PARTS[mode]:
         return [(0, batch, 0, prompt_len)]
-    k = max(2, num_streams)
+    k = num_streams
     if batch >= 2:
         return [(b0, b1, 0, prompt_len) for b0, b1 in _split(batch, k)]
     return [(0, 1, s0, s1) for s0, s1 in _split(prompt_len, k)]

@@ -11,7 +11,7 @@ import os
 import signal
 import sys
 
-from .procs import connect, report
+from llm_bench.procs import connect, report
 
 
 def rank_main() -> None:
@@ -60,8 +60,9 @@ def _build(rank: int, world: int, spec: dict):
 
     from .runner import Runner
 
-    if spec["device"] == "cuda":
-        device = torch.device("cuda", spec["gpu_ids"][rank])
+    config = spec["config"]
+    if config.device == "cuda":
+        device = torch.device("cuda", config.gpu_ids[rank])
         torch.cuda.set_device(device)
         backend = "nccl"
     else:
@@ -69,12 +70,16 @@ def _build(rank: int, world: int, spec: dict):
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
         backend = "gloo"
     if world > 1:
-        kw = {"device_id": device} if backend == "nccl" else {}
         from datetime import timedelta
 
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{spec['port']}", rank=rank,
-                                world_size=world, timeout=timedelta(seconds=spec["timeout_s"]), **kw)
-    return Runner(rank, world, device, spec)
+        # A file store, not TCP: torch's TCP store listens on every interface whatever address it is
+        # given; the file lives in the engine's private log folder. NCCL's own bootstrap and gloo's
+        # transport are kept on loopback (NCCL_SOCKET_IFNAME, GLOO_SOCKET_IFNAME set by the engine).
+        store = dist.FileStore(spec["store"], world)
+        kw = {"device_id": device} if backend == "nccl" else {}
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=config.engine_timeout), **kw)
+    return Runner(rank, world, device, config)
 
 
 if __name__ == "__main__":

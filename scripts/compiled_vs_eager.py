@@ -15,12 +15,11 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-from dataclasses import asdict
 
 import torch
 
-from overlap.engine import EngineConfig
-from overlap.generate import random_prompts
+from overlap.config import EngineConfig
+from llm_bench.engine import random_prompts
 from overlap.model import EAGER
 from overlap.runner import Runner
 
@@ -32,9 +31,9 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=16)
     a = ap.parse_args()
     p, n = a.prompt_len, a.max_tokens
-    cfg = EngineConfig(model=a.model, device="cuda", batch_sizes=(), max_seq=p + n, compile=True,
+    cfg = EngineConfig(model=a.model, device="cuda", batch_sizes=(1,), max_seq=p + n, compile=True,
                        cuda_graphs=False).resolved()
-    r = Runner(0, 1, torch.device("cuda", 0), {**asdict(cfg), "max_batch": 1})
+    r = Runner(0, 1, torch.device("cuda", 0), cfg, build_graphs=False)
     compiled = r.model.fns
     worst: dict = collections.defaultdict(float)
 

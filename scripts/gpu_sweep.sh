@@ -10,7 +10,7 @@ OUT=${OUT:-gpu-out}; mkdir -p "$OUT"
 PY=python3
 NG=$($PY -c 'import torch; print(torch.cuda.device_count())')
 TPS="1 2 4"; [ "$NG" -lt 4 ] && TPS="1 2"
-B="$PY -m pytest benchmarks -q -p no:cacheprovider --results-dir $OUT/results"
+B="$PY -m pytest benchmarks -q -p no:cacheprovider --llm-results-dir $OUT/results"
 for stage in "$@"; do
   echo "=== $stage $(date -u +%T)"
   case $stage in
@@ -25,9 +25,9 @@ for stage in "$@"; do
           --prompt-len 32 --max-tokens 16 --allreduce $ar | cut -c1-300
       done
       $PY -m pytest tests -m gpu -q -rs -p no:cacheprovider ;;
-    baseline) $B -m baseline --model llama3-8b --batch-sizes 1 16 --benchmark-json $OUT/baseline-8b.json ;;
+    baseline) $B -m baseline --llm-model llama3-8b --llm-batch-sizes 1 16 --benchmark-json $OUT/baseline-8b.json ;;
     compile)  # the same baseline eager (no torch.compile, SDPA attention), then both side by side
-      $B -m baseline --model llama3-8b --batch-sizes 1 16 --no-compile --decode-attention sdpa \
+      $B -m baseline --llm-model llama3-8b --llm-batch-sizes 1 16 --llm-no-compile --llm-decode-attention sdpa \
         --benchmark-json $OUT/baseline-8b-eager.json
       $PY -m llm_bench.cli compare $OUT/baseline-8b-eager.json $OUT/baseline-8b.json ;;
     anatomy)  # where a TP=1 decode step's time goes, per engine variant (scripts/step_anatomy.py)
@@ -41,29 +41,29 @@ for stage in "$@"; do
       for b in 1 16; do $PY scripts/tune_decode_attention.py --batch $b | tee -a $OUT/attn-tune.jsonl | cut -c1-200; done ;;
     prefetch)  # how much of the next weight to pull into L2 per all-reduce (default half of L2 lost 5-6%)
       for mb in ${PREFETCH_MB:-2 4 8 16}; do
-        $B -m overlap --model llama3-8b --tp-sizes ${OVERLAP_TPS:-2} --batch-sizes 1 --overlap-modes none prefetch \
-          --prefetch-mb $mb --profile-communication --num-runs 5 --warmup-runs 2 --benchmark-json $OUT/prefetch-${mb}mb.json
+        $B -m overlap --llm-model llama3-8b --llm-tp-sizes ${OVERLAP_TPS:-2} --llm-batch-sizes 1 --llm-overlap-modes none prefetch \
+          --llm-prefetch-mb $mb --llm-profile-communication --llm-num-runs 5 --llm-warmup-runs 2 --benchmark-json $OUT/prefetch-${mb}mb.json
       done ;;
-    tp) $B -m tensor_parallel --model llama3-8b --tp-sizes $TPS --batch-sizes 1 16 --profile-communication \
+    tp) $B -m tensor_parallel --llm-model llama3-8b --llm-tp-sizes $TPS --llm-batch-sizes 1 16 --llm-profile-communication \
           --benchmark-json $OUT/tp-8b.json ;;
-    overlap) $B -m overlap --model llama3-8b --tp-sizes ${OVERLAP_TPS:-4} --batch-sizes 1 16 64 \
-          --profile-communication --num-runs 5 --warmup-runs 2 --benchmark-json $OUT/overlap-8b.json ;;
-    tp70) $B -k "test_tensor_parallel" --model llama3-70b --tp-sizes ${TP70:-2 4} --batch-sizes 1 16 \
-          --profile-communication --num-runs 5 --warmup-runs 2 --benchmark-json $OUT/tp-70b.json ;;
-    overlap70) $B -m overlap --model llama3-70b --tp-sizes 4 --batch-sizes 1 16 64 --overlap-modes none prefetch pipeline full \
-          --profile-communication --num-runs 3 --warmup-runs 1 --benchmark-json $OUT/overlap-70b.json ;;
+    overlap) $B -m overlap --llm-model llama3-8b --llm-tp-sizes ${OVERLAP_TPS:-4} --llm-batch-sizes 1 16 64 \
+          --llm-profile-communication --llm-num-runs 5 --llm-warmup-runs 2 --benchmark-json $OUT/overlap-8b.json ;;
+    tp70) $B -k "test_tensor_parallel" --llm-model llama3-70b --llm-tp-sizes ${TP70:-2 4} --llm-batch-sizes 1 16 \
+          --llm-profile-communication --llm-num-runs 5 --llm-warmup-runs 2 --benchmark-json $OUT/tp-70b.json ;;
+    overlap70) $B -m overlap --llm-model llama3-70b --llm-tp-sizes 4 --llm-batch-sizes 1 16 64 --llm-overlap-modes none prefetch pipeline full \
+          --llm-profile-communication --llm-num-runs 3 --llm-warmup-runs 1 --benchmark-json $OUT/overlap-70b.json ;;
     peer) $PY scripts/hf_peer.py --model llama3-8b | tee $OUT/hf-peer.json ;;
     gate)  # two sessions of the same commit (A/A) and one with a real slowdown (CUDA graphs off)
-      G="$B -m baseline --model llama3-8b --batch-sizes 1 --num-runs 10"
+      G="$B -m baseline --llm-model llama3-8b --llm-batch-sizes 1 --llm-num-runs 10"
       $G --benchmark-json $OUT/gate-a1.json | tail -1; $G --benchmark-json $OUT/gate-a2.json | tail -1
-      $G --no-cuda-graphs --benchmark-json $OUT/gate-slow.json | tail -1
+      $G --llm-no-cuda-graphs --benchmark-json $OUT/gate-slow.json | tail -1
       $PY -m llm_bench.cli gate --baseline $OUT/gate-a1.json --candidate $OUT/gate-a2.json; echo "A/A exit $?"
       $PY -m llm_bench.cli gate --baseline $OUT/gate-a1.json --candidate $OUT/gate-slow.json; echo "slowdown exit $?" ;;
     trace)
       R=$(mktemp -d)
       $PY -m pytest benchmarks -q -p no:cacheprovider -m "tensor_parallel or overlap" -k "not allreduce" \
-        --model llama3-8b --tp-sizes 1 2 --batch-sizes 1 --overlap-modes none double_buffer --num-runs 5 \
-        --warmup-runs 2 --enable-trace --profile-communication --results-dir $R --benchmark-json $OUT/trace-run.json
+        --llm-model llama3-8b --llm-tp-sizes 1 2 --llm-batch-sizes 1 --llm-overlap-modes none double_buffer --llm-num-runs 5 \
+        --llm-warmup-runs 2 --llm-enable-trace --llm-profile-communication --llm-results-dir $R --benchmark-json $OUT/trace-run.json
       $PY -m llm_bench.cli report $OUT/trace-run.json --out $R/report
       $PY -m llm_bench.cli trace $R/traces/test_*.json | tee $OUT/trace-summary.txt
       tar -czf $OUT/report-and-traces.tar.gz -C $R report traces ;;

@@ -3,7 +3,7 @@
 #   scripts/profile_gpu.sh -m basic    [-o DIR] [-d SECONDS] -- <pytest args>   NVML sampling to DIR/nvml.csv
 #   scripts/profile_gpu.sh -m nsight   [-o DIR] -- <pytest args>                Nsight Compute (ncu), clocks left alone
 #   scripts/profile_gpu.sh -m timeline [-o DIR] [-d SECONDS] -- <pytest args>   Nsight Systems, else our Chrome trace
-# Example: scripts/profile_gpu.sh -m basic -- benchmarks -m baseline --batch-sizes 1
+# Example: scripts/profile_gpu.sh -m basic -- benchmarks -m baseline --llm-batch-sizes 1
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=basic; out=results/profiles; dur=""
@@ -31,7 +31,7 @@ case $mode in
       nsys profile --trace cuda,nvtx,osrt ${dur:+--duration "$dur"} -o "$out/timeline" "${PYTEST[@]}"
     else
       echo "profile_gpu.sh: nsys (Nsight Systems) is not installed here: writing the suite's Chrome traces instead" >&2
-      "${limit[@]}" "${PYTEST[@]}" --enable-trace --results-dir "$out"
+      "${limit[@]}" "${PYTEST[@]}" --llm-enable-trace --llm-results-dir "$out"
     fi ;;
   *) echo "profile_gpu.sh: unknown mode '$mode' (basic, nsight, timeline)" >&2; exit 2 ;;
 esac

@@ -18,13 +18,11 @@ import collections
 import json
 import statistics
 import time
-from dataclasses import asdict
 
 import torch
 
-from overlap import kernels as attn_kernels
-from overlap.engine import EngineConfig
-from overlap.generate import random_prompts
+from overlap.config import EngineConfig
+from llm_bench.engine import random_prompts
 from overlap.model import matvec
 from overlap.runner import Runner
 
@@ -74,7 +72,7 @@ def gemv_only(runner: Runner, b: int) -> dict:
     for kind, ws in kinds.items():
         x = torch.randn(b, ws[0].shape[1], device=runner.device, dtype=m.dtype)
         mm = (lambda x, w: f.swiglu_up(x, w, m.inter)) if kind == "w13" else f.matvec
-        (run,) = runner._capture([lambda ws=ws, x=x, mm=mm: [mm(x, w) for w in ws]])
+        (run,) = runner.capture([lambda ws=ws, x=x, mm=mm: [mm(x, w) for w in ws]])
         us = replay_ms(run, 20) * 1e3 / len(ws)
         nbytes = ws[0].numel() * ws[0].element_size()
         out[kind] = {"us": round(us, 2), "tb_per_s": round(nbytes / us / 1e6, 3)}
@@ -115,16 +113,14 @@ def main() -> None:
     ap.add_argument("--attn-block-t", type=int)
     ap.add_argument("--attn-warps", type=int)
     a = ap.parse_args()
-    attn_kernels.BLOCK_T = a.attn_block_t or attn_kernels.BLOCK_T
-    attn_kernels.NUM_WARPS = a.attn_warps or attn_kernels.NUM_WARPS
-    attn_kernels.USE_PDL = not a.no_pdl
     b, p, n = a.batch_size, a.prompt_len, a.max_tokens
-    cfg = EngineConfig(model=a.model, device="cuda", batch_sizes=(), max_seq=p + n,
+    tune = {k: v for k, v in (("attention_block_t", a.attn_block_t), ("attention_warps", a.attn_warps)) if v}
+    # What the engine sends its ranks, without the processes; no decode graph is built at start-up.
+    cfg = EngineConfig(model=a.model, device="cuda", batch_sizes=(b,), max_seq=p + n,
                        compile=a.variant != "eager", decode_attention=a.decode_attention, gemv=a.gemv,
-                       overlap=a.overlap).resolved()
-    spec = {**asdict(cfg), "max_batch": b}  # what the engine sends its ranks, without the processes
+                       overlap=a.overlap, pdl=not a.no_pdl, **tune).resolved()
     t0 = time.time()
-    r = Runner(0, 1, torch.device("cuda", 0), spec)
+    r = Runner(0, 1, torch.device("cuda", 0), cfg, build_graphs=False)
     if a.split_swiglu:
         def split(h, w13, inter):
             g, u = matvec(h, w13).split(inter, dim=-1)
@@ -133,12 +129,12 @@ def main() -> None:
             split = torch.compile(split, fullgraph=True, dynamic=False)
         r.model.fns = r.model.fns._replace(swiglu_up=split)
     t1 = time.time()
-    steps = r._graph(b, False)
+    steps = r.decode_graphs(b, False)
     build_s = time.time() - t1
     prompts = random_prompts(b, p, r.model.cfg.vocab_size, 0)
     gens = [r.generate(prompts, n) for _ in range(6)][1:]
     tpot = statistics.median((g["token_ns"][-1] - g["token_ns"][1]) / (n - 2) / 1e6 for g in gens)
-    pos = r._buffers(b)["pos"]
+    pos = r.buffers(b)["pos"]
 
     def round_():  # n-1 decode steps back to back, alternating the token buffers
         for i in range(n - 1):
@@ -172,7 +168,7 @@ def main() -> None:
     out = {
         "variant": a.variant, "overlap": a.overlap, "decode_attention": a.decode_attention, "gemv": a.gemv, "pdl": not a.no_pdl,
         "split_swiglu": a.split_swiglu,
-        "attn_block_t": attn_kernels.BLOCK_T, "attn_warps": attn_kernels.NUM_WARPS, "model": a.model, "batch": b, "gpu": torch.cuda.get_device_name(0),
+        "attn_block_t": cfg.attention_block_t, "attn_warps": cfg.attention_warps, "model": a.model, "batch": b, "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__, "setup_s": round(t1 - t0, 1), "graph_build_s": round(build_s, 1),
         "copy_tb_per_s": r.copy_bw / 1e12, "bytes_per_step": nbytes,
         "tpot_ms": tpot, "step_gpu_ms": step_ms, "host_gap_ms": tpot - step_ms,
@@ -184,7 +180,7 @@ def main() -> None:
     if a.repack:
         repack(r.model)
         r.graphs.clear()
-        steps = r._graph(b, False)
+        steps = r.decode_graphs(b, False)
         out["repacked"] = {"step_gpu_ms": replay_ms(round_, 10, before=lambda: pos.fill_(p)) / (n - 1),
                            "gemv_only": gemv_only(r, b)}
     print(json.dumps(out))

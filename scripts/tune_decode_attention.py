@@ -59,10 +59,10 @@ def main() -> None:
     print(json.dumps({**shape, "path": "sdpa (compiled RoPE + cache writes + SDPA)", "us": round(us, 2)}))
     for block_t in (16, 32, 64, 128):
         for warps in (1, 2, 4, 8):
-            us = per_call_us(lambda: kernels.decode_attention(qkv, cos, sin, pos, kc, vc, H, KV, counters,
-                                                              block_t=block_t, num_warps=warps))
+            tuning = kernels.Tuning(attention_block_t=block_t, attention_warps=warps)
+            us = per_call_us(lambda: kernels.decode_attention(qkv, cos, sin, pos, kc, vc, H, KV, counters, tuning))
             print(json.dumps({**shape, "path": "triton", "block_t": block_t, "num_warps": warps, "us": round(us, 2),
-                              "default": (block_t, warps) == (kernels.BLOCK_T, kernels.NUM_WARPS)}))
+                              "default": tuning[1:] == kernels.Tuning()[1:]}))
 
 
 if __name__ == "__main__":

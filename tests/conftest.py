@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from overlap.engine import EngineConfig, TPEngine
+from overlap.config import EngineConfig
+from overlap.engine import TPEngine
 
 
 @pytest.fixture(scope="module")
@@ -13,7 +14,7 @@ def engine_factory():
 
     def make(**kw) -> TPEngine:
         kw.setdefault("model", "tiny")
-        kw.setdefault("timeout_s", 120)
+        kw.setdefault("engine_timeout", 120)
         e = TPEngine(EngineConfig(**kw))
         made.append(e)
         return e

@@ -21,7 +21,7 @@ def rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def check(B: int, H: int, KV: int, D: int, T: int, pos: int, dtype: str = "float32", device: str = "cpu",
-          seed: int = 0, block_t: int = kernels.BLOCK_T) -> dict:
+          seed: int = 0, block_t: int = kernels.Tuning().attention_block_t) -> dict:
     dt, dev = getattr(torch, dtype), torch.device(device)
     g = torch.Generator(device="cpu").manual_seed(seed)
     qkv = torch.randn(B, 1, (H + 2 * KV) * D, generator=g).to(dev, dt)
@@ -39,7 +39,8 @@ def check(B: int, H: int, KV: int, D: int, T: int, pos: int, dtype: str = "float
                  mask.repeat(H // KV, 1), H, KV, D).reshape(B, -1)
     kk, vk = (c.clone() for c in cache)
     counters = torch.zeros(B * KV, dtype=torch.int32, device=dev)
-    got = kernels.decode_attention(qkv, cos, sin, p, kk, vk, H, KV, counters, block_t=block_t)
+    got = kernels.decode_attention(qkv, cos, sin, p, kk, vk, H, KV, counters,
+                                   kernels.Tuning(attention_block_t=block_t))
     # Relative, not absolute: bf16 rounds RoPE once here, twice in the model.
     return {"out": rel_err(got, ref), "k_cache": rel_err(kk, kr), "v_cache": rel_err(vk, vr),
             "untouched_rows_equal": bool(torch.equal(kk[:, :, :pos], kr[:, :, :pos])),

@@ -5,7 +5,7 @@ import os
 import signal
 import time
 
-from overlap.procs import connect, report
+from llm_bench.procs import connect, report
 
 conn, index, count, spec = connect("tests.procs_worker")
 conn.send(("ready", {"index": index}))

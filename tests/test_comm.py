@@ -11,8 +11,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from overlap.comm import SYMM_MAX_BYTES, Comm
-from overlap.engine import EngineConfig, TPEngine
-from overlap.procs import free_port
+from overlap.config import EngineConfig
+from overlap.engine import TPEngine
+from llm_bench.procs import free_port
 
 SHAPES = [(1, 1, 64), (16, 1, 4096), (3, 5, 7), (SYMM_MAX_BYTES // 4 + 1,)]  # the last is over the limit
 
@@ -54,20 +55,20 @@ def test_symm_path_equals_the_process_group_all_reduce():
 
 
 def test_allreduce_choice_is_checked():
-    with pytest.raises(ValueError, match="--allreduce must be one of"):
+    with pytest.raises(ValueError, match="allreduce must be one of"):
         Comm(0, 1, torch.device("cpu"), torch.float32, allreduce="fast")
-    with pytest.raises(RuntimeError, match="symm needs CUDA GPUs"):
+    with pytest.raises(RuntimeError, match="'symm' needs CUDA GPUs"):
         Comm(0, 1, torch.device("cpu"), torch.float32, allreduce="symm")
 
 
 @pytest.mark.parametrize("choice", ["nccl", "auto"])
 def test_engine_records_the_all_reduce_it_used(choice):
     """On CPU both choices run gloo and say so; `symm` is refused at build, naming why."""
-    with TPEngine(EngineConfig(model="tiny", tp=2, allreduce=choice, timeout_s=120)) as eng:
+    with TPEngine(EngineConfig(model="tiny", tp=2, allreduce=choice, engine_timeout=120)) as eng:
         d = eng.describe()
         assert (d["allreduce"], d["allreduce_requested"]) == ("gloo", choice)
 
 
 def test_engine_refuses_symm_on_cpu():
-    with pytest.raises(Exception, match="symm needs CUDA GPUs"):
-        TPEngine(EngineConfig(model="tiny", tp=2, allreduce="symm", timeout_s=120))
+    with pytest.raises(Exception, match="'symm' needs CUDA GPUs"):
+        TPEngine(EngineConfig(model="tiny", tp=2, allreduce="symm", engine_timeout=120))

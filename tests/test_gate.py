@@ -100,9 +100,9 @@ def test_a_a_of_two_real_cpu_runs_passes(tmp_path):
     files = []
     for i in range(2):
         f = tmp_path / f"run{i}.json"
-        r = run_pytest(ROOT / "benchmarks", "-k", "test_baseline", "--batch-sizes", "1", "--prompt-len", "4",
-                       "--max-tokens", "8", "--num-runs", "5", "--warmup-runs", "1", f"--benchmark-json={f}",
-                       "--results-dir", tmp_path)
+        r = run_pytest(ROOT / "benchmarks", "-k", "test_baseline", "--llm-batch-sizes", "1", "--llm-prompt-len", "4",
+                       "--llm-max-tokens", "8", "--llm-num-runs", "5", "--llm-warmup-runs", "1", f"--benchmark-json={f}",
+                       "--llm-results-dir", tmp_path)
         assert r.returncode == 0, r.stdout[-2000:]
         files.append(str(f))
     assert main(["gate", "--baseline", files[0], "--candidate", files[1]]) == 0
@@ -130,20 +130,20 @@ def test_several_baselines_raise_the_threshold_to_their_spread():
 
 
 def test_gate_baseline_pytest_option(tmp_path):
-    """One-step use: --gate-baseline gates the session at its end: 0 against a baseline 3x slower, 1
+    """One-step use: --llm-gate-baseline gates the session at its end: 0 against a baseline 3x slower, 1
     against one 3x faster. (A plain A/A is not used here: on this 2-core box TPOT moved +37% between two
     sessions of the same commit, p=2.9e-4: one baseline session cannot show that noise; see gate.py.)"""
-    common = [ROOT / "benchmarks", "-k", "test_baseline", "--batch-sizes", "1", "--prompt-len", "4",
-              "--max-tokens", "8", "--num-runs", "7", "--warmup-runs", "1", "--results-dir", tmp_path]
+    common = [ROOT / "benchmarks", "-k", "test_baseline", "--llm-batch-sizes", "1", "--llm-prompt-len", "4",
+              "--llm-max-tokens", "8", "--llm-num-runs", "7", "--llm-warmup-runs", "1", "--llm-results-dir", tmp_path]
     base = tmp_path / "base.json"  # 7 rounds a side: the smallest one-sided MWU p is 2.9e-4 < alpha
     assert run_pytest(*common, f"--benchmark-json={base}").returncode == 0
 
     def scaled(factor, name):
         (tmp_path / name).write_text(json.dumps(_slowed(json.loads(base.read_text()), factor)))
         return tmp_path / name
-    r = run_pytest(*common, "--gate-baseline", scaled(3.0, "slow.json"))
+    r = run_pytest(*common, "--llm-gate-baseline", scaled(50.0, "slow.json"))
     assert r.returncode == 0 and "parallel-llm-bench gate" in r.stdout, r.stdout[-2000:]
-    r = run_pytest(*common, "--gate-baseline", scaled(1 / 3, "fast.json"))
+    r = run_pytest(*common, "--llm-gate-baseline", scaled(1 / 50, "fast.json"))
     assert r.returncode == 1 and "REGRESSED" in r.stdout, r.stdout[-2000:]
-    r = run_pytest(*common, "--gate-baseline", tmp_path / "missing.json")
+    r = run_pytest(*common, "--llm-gate-baseline", tmp_path / "missing.json")
     assert r.returncode == 4 and "missing.json" in r.stdout, r.stdout[-2000:]

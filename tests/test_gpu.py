@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from overlap.engine import EngineConfig, TPEngine, visible_gpus
-from overlap.generate import random_prompts
+from overlap.config import EngineConfig
+from overlap.engine import TPEngine, visible_gpus
+from llm_bench.engine import random_prompts
 from overlap.streams import MODES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(visible_gpus() < 2, reason="needs 2 CUDA GPUs")]
@@ -22,7 +23,7 @@ STREAMS = {"none": 0, "double_buffer": 0, "pipeline": 1, "prefetch": 2, "full": 
 def _engine(tp: int = 2, **kw) -> TPEngine:
     kw.setdefault("compile", False)  # these check streams, memory and collectives; --compile has its own test
     return TPEngine(EngineConfig(model="tiny", tp=tp, device="cuda", batch_sizes=(4,), max_seq=48,
-                                 timeout_s=180, **kw))
+                                 engine_timeout=180, **kw))
 
 
 @pytest.mark.parametrize("tp", [2, 4])

@@ -6,10 +6,10 @@ import os
 import subprocess
 import sys
 
-from fixtures.results import read_records
+from llm_bench.storage import read_records
 from tests.helpers import ROOT, run_pytest
 
-SMALL = ["--prompt-len", "4", "--max-tokens", "4", "--num-runs", "2", "--warmup-runs", "0"]
+SMALL = ["--llm-prompt-len", "4", "--llm-max-tokens", "4", "--llm-num-runs", "2", "--llm-warmup-runs", "0"]
 
 
 def test_our_fixtures_package_wins_over_pypi_fixtures():
@@ -20,8 +20,8 @@ def test_our_fixtures_package_wins_over_pypi_fixtures():
 
 def test_save_and_json_together_and_pytest_benchmark_compare(tmp_path):
     storage = tmp_path / "store"
-    args = [ROOT / "benchmarks", "-k", "test_tensor_parallel", "--batch-sizes", "1", *SMALL,
-            f"--benchmark-storage=file://{storage}", "--benchmark-autosave", "--results-dir", tmp_path / "res"]
+    args = [ROOT / "benchmarks", "-k", "test_tensor_parallel", "--llm-batch-sizes", "1", *SMALL,
+            f"--benchmark-storage=file://{storage}", "--benchmark-autosave", "--llm-results-dir", tmp_path / "res"]
     r1 = run_pytest(*args, f"--benchmark-json={tmp_path / 'a.json'}")
     assert r1.returncode == 0, r1.stdout[-3000:]
     r2 = run_pytest(*args)
@@ -39,7 +39,7 @@ def test_save_and_json_together_and_pytest_benchmark_compare(tmp_path):
         assert isinstance(tp2[k], float)
     assert len(tp2["tpot_ms_rounds"]) == 2
     assert "gpu" in s["machine_info"] and "hz_actual" not in s["machine_info"].get("cpu", {})
-    assert "parallel-llm-bench" in r1.stdout and "TTFT p50 ms" in r1.stdout
+    assert "parallel-llm-bench" in r1.stdout and "TTFT ms" in r1.stdout
     cli = "import sys; from pytest_benchmark.cli import main; sys.argv[0] = 'pytest-benchmark'; main()"
     cmp = subprocess.run([sys.executable, "-c", cli, "--storage", f"file://{storage}", "compare", "0001", "0002"], cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
@@ -48,19 +48,19 @@ def test_save_and_json_together_and_pytest_benchmark_compare(tmp_path):
 
 
 def test_skips_say_why(tmp_path):
-    r = run_pytest(ROOT / "benchmarks", "-k", "test_tensor_parallel", "--tp-sizes", "3", "--batch-sizes", "1",
-                   *SMALL, "-rs", "--results-dir", tmp_path)
+    r = run_pytest(ROOT / "benchmarks", "-k", "test_tensor_parallel", "--llm-tp-sizes", "3", "--llm-batch-sizes", "1",
+                   *SMALL, "-rs", "--llm-results-dir", tmp_path)
     assert r.returncode == 0, r.stdout[-2000:]
     assert "TP=3 does not divide num_key_value_heads=4" in r.stdout
-    r = run_pytest(ROOT / "benchmarks", "-k", "test_baseline", "--device", "cuda", "--tp-sizes", "1",
-                   "--batch-sizes", "1", *SMALL, "-rs", "--results-dir", tmp_path)
+    r = run_pytest(ROOT / "benchmarks", "-k", "test_baseline", "--llm-device", "cuda", "--llm-tp-sizes", "1",
+                   "--llm-batch-sizes", "1", *SMALL, "-rs", "--llm-results-dir", tmp_path)
     assert r.returncode == 0, r.stdout[-2000:]
     assert "TP=1 needs 1 GPUs; 0 visible" in r.stdout
 
 
 def test_pipeline_at_batch_1_skips_with_reason(tmp_path):
-    r = run_pytest(ROOT / "benchmarks", "-k", "pipeline", "--batch-sizes", "1", *SMALL, "-rs",
-                   "--results-dir", tmp_path)
+    r = run_pytest(ROOT / "benchmarks", "-k", "pipeline", "--llm-batch-sizes", "1", *SMALL, "-rs",
+                   "--llm-results-dir", tmp_path)
     assert r.returncode == 0, r.stdout[-2000:]
     assert "decode needs batch >= 2" in r.stdout
 
@@ -88,7 +88,7 @@ def test_results_survive_a_crashing_engine(tmp_path):
     (tmp_path / "test_crashing.py").write_text(CRASHING)
     (tmp_path / "conftest.py").write_text("pytest_plugins = ('fixtures.plugin',)\n")
     res = tmp_path / "res"
-    r = run_pytest(tmp_path / "test_crashing.py", *SMALL, "--results-dir", res,
+    r = run_pytest(tmp_path / "test_crashing.py", *SMALL, "--llm-results-dir", res,
                    f"--benchmark-json={tmp_path / 'out.json'}", cwd=tmp_path)
     assert r.returncode == 1, r.stdout[-3000:]
     assert "rank 1" in r.stdout and "SIGKILL" in r.stdout

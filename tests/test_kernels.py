@@ -13,7 +13,7 @@ import pytest
 
 from overlap.config import PRESETS
 from overlap.engine import visible_gpus
-from overlap.generate import random_prompts
+from llm_bench.engine import random_prompts
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[dev]' installs it)")
 

@@ -1,8 +1,10 @@
 """Metric math on hand-made timestamps (DESIGN §5), and the cross-benchmark columns."""
+import re
+
 import pytest
 
-from fixtures.metrics import MeasurementError, bandwidth_use, decode_bytes_per_step, request_timings, summarize
-from fixtures.results import derive_columns
+from llm_bench.metrics import MeasurementError, bandwidth_use, decode_bytes_per_step, request_timings, summarize
+from llm_bench.metrics import derive_columns
 
 MS = 1_000_000
 
@@ -72,9 +74,42 @@ def test_scaling_efficiency_and_missing_base():
 
 def test_overlap_gain_and_hidden_share():
     rows = [_row("test_overlap[none-tp2-bs16]", tp=2, overlap="none", tpot_ms_p50=10.0, tpot_ms_comm_free=8.0),
-            _row("test_overlap[full-tp2-bs16]", tp=2, overlap="full", tpot_ms_p50=9.0)]
+            _row("test_overlap[full-tp2-bs16]", tp=2, overlap="full", tpot_ms_p50=9.0, tpot_ms_comm_free=8.0)]
     derive_columns(rows)
     n, f = rows[0]["extra_info"], rows[1]["extra_info"]
     assert n["comm_share"] == pytest.approx(0.2) and n["overlap_gain"] == 0
+    assert "comm_hidden_share" not in n  # none hides nothing by definition: no row of its own
     assert f["overlap_gain"] == pytest.approx(10 / 9 - 1)
-    assert f["comm_hidden_share"] == pytest.approx(0.5)
+    assert f["comm_hidden_share"] == pytest.approx(0.5)  # exposed 1 ms of none's 2 ms
+
+
+@pytest.mark.parametrize("mode, mode_cf, why", [
+    (12.0, 8.0, "exposes more communication"),       # a mode slower than none: hidden share would be < 0
+    (9.0, 9.5, "faster .* than its own comm-free"),  # mode faster than its comm-free variant: > 1
+])
+def test_hidden_share_outside_0_1_is_not_stored(mode, mode_cf, why):
+    rows = [_row("test_overlap[none-tp2-bs8]", tp=2, overlap="none", tpot_ms_p50=10.0, tpot_ms_comm_free=8.0),
+            _row("test_overlap[pipeline-tp2-bs8]", tp=2, overlap="pipeline", tpot_ms_p50=mode,
+                 tpot_ms_comm_free=mode_cf)]
+    derive_columns(rows)
+    e = rows[1]["extra_info"]
+    assert "comm_hidden_share" not in e
+    assert re.search(why, e["comm_hidden_share_note"])
+
+
+def test_comm_share_of_a_slower_comm_free_variant_is_not_stored():
+    rows = [_row("test_overlap[pipeline-tp2-bs8]", tp=2, overlap="pipeline", tpot_ms_p50=10.0, tpot_ms_comm_free=12.5,
+                 ttft_ms_p50=100.0, ttft_ms_comm_free=90.0)]
+    derive_columns(rows)
+    e = rows[0]["extra_info"]
+    assert "comm_share" not in e and "slower than the real run" in e["comm_share_note"]
+    assert e["prefill_comm_share"] == pytest.approx(0.1)
+
+
+def test_prefill_gain_and_hidden_share_come_from_ttft():
+    rows = [_row("test_overlap[none-tp2-bs8]", tp=2, overlap="none", ttft_ms_p50=110.0, ttft_ms_comm_free=96.0),
+            _row("test_overlap[pipeline-tp2-bs8]", tp=2, overlap="pipeline", ttft_ms_p50=100.0, ttft_ms_comm_free=93.0)]
+    derive_columns(rows)
+    e = rows[1]["extra_info"]
+    assert e["prefill_overlap_gain"] == pytest.approx(110 / 100 - 1)
+    assert e["prefill_comm_hidden_share"] == pytest.approx(1 - 7 / 14)

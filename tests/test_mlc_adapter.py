@@ -9,8 +9,8 @@ from types import SimpleNamespace as NS
 
 import pytest
 
-from fixtures.mlc_engine import MLCEngineAdapter, mlc_missing_reason, stream_token_times
-from overlap.engine import EngineError
+from llm_bench.mlc import MLCEngineAdapter, mlc_missing_reason, stream_token_times
+from llm_bench.engine import EngineError
 from tests.helpers import ROOT, alive, run_pytest
 
 
@@ -51,7 +51,10 @@ def test_stream_that_ends_early_is_an_error():
 def test_mlc_benchmarks_skip_with_one_reason_when_mlc_is_missing(tmp_path):
     if mlc_missing_reason() is None:
         pytest.skip("mlc_llm is installed here")
-    r = run_pytest(ROOT / "benchmarks", "--engine", "mlc", "--model", "/models/x", "-rs", "--results-dir", tmp_path)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "mlc-chat-config.json").write_text("{}")
+    r = run_pytest(ROOT / "benchmarks", "--llm-engine", "mlc", "--llm-model", model, "-rs", "--llm-results-dir", tmp_path)
     assert r.returncode == 0, r.stdout[-2000:]
     assert "mlc_llm is not installed" in r.stdout and "mlc.ai/wheels" in r.stdout
     assert "MLC-LLM has no overlap mode" in r.stdout

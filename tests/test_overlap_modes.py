@@ -5,9 +5,11 @@ import os
 import pytest
 
 from overlap.config import ConfigError
-from overlap.engine import EngineConfig, TPEngine
-from overlap.generate import random_prompts
-from overlap.streams import MODES, ModeNotApplicable, StreamManager, check_applicable
+from overlap.config import EngineConfig
+from overlap.engine import TPEngine
+from llm_bench.engine import random_prompts
+from llm_bench.engine import ModeNotApplicable
+from overlap.streams import MODES, StreamManager, check_applicable
 from tests.helpers import proc_stat
 
 BATCHES = (1, 2, 7, 16)
@@ -68,7 +70,7 @@ def test_repeated_builds_of_every_mode_leak_nothing():
     for _ in range(2):
         for mode in MODES:
             with TPEngine(EngineConfig(model="tiny", tp=2, overlap=mode, batch_sizes=(2,), max_seq=12,
-                                       timeout_s=120)) as eng:
+                                       engine_timeout=120)) as eng:
                 assert len(eng.generate([[1, 2], [3, 4]], 4).tokens) == 2
                 streams.setdefault(mode, set()).add(eng.describe()["streams_created"])
             assert _children() == before_kids, f"{mode}: rank processes left behind"

@@ -4,7 +4,8 @@ import tempfile
 
 import pytest
 
-from overlap.procs import EngineError, EngineProcesses
+from llm_bench.engine import EngineError
+from llm_bench.procs import EngineProcesses
 from tests.helpers import alive
 
 

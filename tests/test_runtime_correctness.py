@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from overlap.config import PRESETS, resolve_model
-from overlap.generate import random_prompts
+from llm_bench.engine import random_prompts
 from overlap.model import WeightSource, greedy_local
 
 SEED = 3

@@ -10,7 +10,9 @@ import time
 import pytest
 
 from overlap.config import ConfigError, resolve_model
-from overlap.engine import EngineConfig, EngineError, TPEngine
+from llm_bench.engine import EngineError
+from overlap.config import EngineConfig
+from overlap.engine import TPEngine
 from overlap.generate import main as generate_main
 from tests.helpers import alive
 
@@ -69,7 +71,7 @@ def test_triton_decode_attention_where_it_cannot_run_is_refused(capsys, monkeypa
     """Asked for by name, the Triton kernel is never silently replaced by SDPA; `auto` falls back."""
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert generate_main(["--model", "tiny", "--decode-attention", "triton", "--max-tokens", "2"]) == 2
-    assert "--decode-attention triton cannot run here" in capsys.readouterr().err
+    assert "decode_attention 'triton' cannot run here" in capsys.readouterr().err
     with TPEngine(EngineConfig(model="tiny", max_seq=8)) as eng:
         assert eng.describe()["decode_attention"] == "sdpa"
 
@@ -81,7 +83,7 @@ def test_compile_defaults_to_on_for_cuda_only():
 
 
 def test_killed_rank_mid_generation_is_reported_and_reaped():
-    eng = TPEngine(EngineConfig(model="tiny", tp=2, max_seq=1100, timeout_s=60))
+    eng = TPEngine(EngineConfig(model="tiny", tp=2, max_seq=1100, engine_timeout=60))
     pids = eng.describe()["pids"]
     err: list = []
 
@@ -105,7 +107,7 @@ def test_killed_rank_mid_generation_is_reported_and_reaped():
 
 
 def test_hung_rank_times_out_and_is_reaped():
-    eng = TPEngine(EngineConfig(model="tiny", tp=2, max_seq=32, timeout_s=4))
+    eng = TPEngine(EngineConfig(model="tiny", tp=2, max_seq=32, engine_timeout=4))
     pids = eng.describe()["pids"]
     os.kill(pids[1], signal.SIGSTOP)  # alive but making no progress, like a hung collective
     t0 = time.monotonic()

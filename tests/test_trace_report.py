@@ -14,10 +14,10 @@ from tests.helpers import ROOT, run_pytest
 @pytest.fixture(scope="module")
 def cpu_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("run")
-    r = run_pytest(ROOT / "benchmarks", "-k", "test_tensor_parallel or test_overlap", "--batch-sizes", "2",
-                   "--overlap-modes", "none", "double_buffer", "--prompt-len", "4", "--max-tokens", "6",
-                   "--num-runs", "2", "--warmup-runs", "0", "--enable-trace", "--profile-communication",
-                   "--results-dir", d / "res", f"--benchmark-json={d / 'run.json'}")
+    r = run_pytest(ROOT / "benchmarks", "-k", "test_tensor_parallel or test_overlap", "--llm-batch-sizes", "2",
+                   "--llm-overlap-modes", "none", "double_buffer", "--llm-prompt-len", "4", "--llm-max-tokens", "6",
+                   "--llm-num-runs", "2", "--llm-warmup-runs", "0", "--llm-enable-trace", "--llm-profile-communication",
+                   "--llm-results-dir", d / "res", f"--benchmark-json={d / 'run.json'}")
     assert r.returncode == 0, r.stdout[-3000:]
     return d
 
@@ -73,8 +73,8 @@ def test_report_draws_every_plot(cpu_run, tmp_path):
 
 def test_profile_script_basic_mode_without_nvml(tmp_path):
     r = subprocess.run([str(ROOT / "scripts" / "profile_gpu.sh"), "-m", "basic", "-o", str(tmp_path), "--",
-                        "benchmarks", "-m", "baseline", "--batch-sizes", "1", "--prompt-len", "4", "--max-tokens",
-                        "4", "--num-runs", "1", "-q", "--results-dir", str(tmp_path)],
+                        "benchmarks", "-m", "baseline", "--llm-batch-sizes", "1", "--llm-prompt-len", "4", "--llm-max-tokens",
+                        "4", "--llm-num-runs", "1", "-q", "--llm-results-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "NVML is not available here" in r.stderr
@@ -87,9 +87,9 @@ def test_profile_script_basic_mode_without_nvml(tmp_path):
 
 
 def test_torch_profile_merges_ranks(tmp_path):
-    r = run_pytest(ROOT / "benchmarks", "-k", "test_tensor_parallel and tp2", "--batch-sizes", "1", "--prompt-len",
-                   "4", "--max-tokens", "3", "--num-runs", "1", "--warmup-runs", "0", "--torch-profile",
-                   "--results-dir", tmp_path)
+    r = run_pytest(ROOT / "benchmarks", "-k", "test_tensor_parallel and tp2", "--llm-batch-sizes", "1", "--llm-prompt-len",
+                   "4", "--llm-max-tokens", "3", "--llm-num-runs", "1", "--llm-warmup-runs", "0", "--llm-torch-profile",
+                   "--llm-results-dir", tmp_path)
     assert r.returncode == 0, r.stdout[-2000:]
     d = json.loads((tmp_path / "traces" / "test_tensor_parallel_tp2-bs1-torch.json").read_text())
     pids = {e["pid"] for e in d["traceEvents"]}

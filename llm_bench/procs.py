@@ -3,7 +3,7 @@ engine process both run here.
 
 Each is started as `python -m MODULE index count address` (a fresh interpreter: no CUDA state is
 inherited and the caller's main module is not re-imported), connects back over an authenticated
-socket (the child's side is `overlap.worker.connect`), and dies with its parent (PR_SET_PDEATHSIG).
+socket (the child's side is `connect` below), and dies with its parent (PR_SET_PDEATHSIG).
 A process that crashes (seen at once through a Linux pidfd) or hangs (no reply within the timeout)
 is reported with its exit status and the tail of its log, and every process is reaped: none survives
 `close()`, an exception, or Ctrl-C.
@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import atexit
 import ctypes
+import importlib.util
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,24 +23,32 @@ import sys
 import time
 import traceback
 import weakref
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Listener, wait
 
-from .config import ConfigError
-from .streams import ModeNotApplicable
+from .engine import ConfigError, EngineError, ModeNotApplicable
 
 # NVLink multicast off unless the caller says otherwise (shared hosts: see the README's GPU section).
 NCCL_SAFE_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-class EngineError(RuntimeError):
-    """The engine failed: a process crashed, hung, ran out of memory or raised."""
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _import_roots(module: str) -> list[str]:
+    """The folders a fresh interpreter needs on its path to import `module` and this package the way
+    this process does (a repository checkout, an installed package, or both)."""
+    roots = []
+    for top in (module.split(".")[0], __name__.split(".")[0]):
+        spec = importlib.util.find_spec(top)
+        if spec is not None and spec.submodule_search_locations:
+            root = os.path.dirname(os.path.abspath(list(spec.submodule_search_locations)[0]))
+            if root not in roots:
+                roots.append(root)
+    return roots
 
 
 def _exit_waitable(proc: subprocess.Popen):
@@ -64,9 +74,12 @@ class EngineProcesses:
     "config"/"mode"/"oom" become ConfigError/ModeNotApplicable/out-of-memory errors here."""
 
     def __init__(self, module: str, count: int, spec: dict, logdir: str, start_timeout: float,
-                 name: str = "rank", stop_timeout: float = 10):
+                 name: str = "rank", stop_timeout: float = 10, env: dict | None = None):
+        """`logdir` (the processes' logs) becomes this object's: removed on a clean close, kept on a
+        failure, whose error names it."""
         self.module, self.count, self.logdir, self.name = module, count, logdir, name
         self.stop_timeout = stop_timeout
+        self.env_defaults = {**NCCL_SAFE_ENV, **(env or {})}  # the caller's environment wins over these
         self.procs: list[subprocess.Popen] = []
         self.conns: list = []
         self._sentinels: list = []
@@ -87,8 +100,8 @@ class EngineProcesses:
         spec = {**spec, "parent_pid": os.getpid()}  # a child whose parent is already gone exits at once
         key = secrets.token_bytes(16)
         with Listener(("127.0.0.1", 0), authkey=key) as lst:
-            env = {**NCCL_SAFE_ENV, **os.environ, "LLM_BENCH_AUTHKEY": key.hex(), "PYTHONPATH": os.pathsep.join(
-                [_ROOT] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
+            env = {**self.env_defaults, **os.environ, "LLM_BENCH_AUTHKEY": key.hex(), "PYTHONPATH": os.pathsep.join(
+                _import_roots(self.module) + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
             for r in range(self.count):
                 log = open(self.log(r), "w")
                 self.procs.append(subprocess.Popen(
@@ -96,17 +109,25 @@ class EngineProcesses:
                     stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
                 log.close()
             conns: dict[int, object] = {}
-            lst._listener._socket.settimeout(60)
+            lst._listener._socket.settimeout(1.0)  # so dead children and the deadline are checked
+            deadline = time.monotonic() + 60
             while len(conns) < self.count:
                 dead = [r for r, p in enumerate(self.procs) if p.poll() is not None]
                 if dead:
                     self._fail(f"{self.name} {dead[0]} exited with code {self.procs[dead[0]].returncode} "
                                "at start-up", dead)
+                if time.monotonic() > deadline:
+                    self._fail(f"{self.name}s did not connect within 60 s", list(range(self.count)))
                 try:
                     conn = lst.accept()
-                except (TimeoutError, OSError) as e:
-                    self._fail(f"{self.name}s did not connect within 60 s ({e})", list(range(self.count)))
-                r = conn.recv()
+                    r = conn.recv()
+                except (TimeoutError, socket.timeout):
+                    continue
+                except (AuthenticationError, EOFError, OSError):
+                    continue  # a stray local connection without our key: dropped, the start goes on
+                if not isinstance(r, int) or not 0 <= r < self.count or r in conns:
+                    conn.close()
+                    continue
                 conn.send(spec)
                 conns[r] = conn
             self.conns = [conns[r] for r in range(self.count)]
@@ -203,7 +224,7 @@ class EngineProcesses:
         if tb:  # the process's own traceback, last frames: where it failed
             frames = [ln for ln in tb.splitlines() if ln.startswith("  File ")][-4:]
             where = f"\n  {self.name} traceback (last frames):\n" + "\n".join("  " + f.strip() for f in frames)
-        msg = why + where + (f"\n{logs}" if logs.strip() else "")
+        msg = why + where + (f"\n{logs}" if logs.strip() else "") + f"\n  logs kept in {self.logdir}"
         if kind == "config":
             raise ConfigError(why)
         if kind == "mode":
@@ -239,6 +260,8 @@ class EngineProcesses:
         self.conns = []
         if not self.dead:
             self.dead = "closed"
+        if self.dead == "closed":  # a clean close: the logs hold nothing anyone needs
+            shutil.rmtree(self.logdir, ignore_errors=True)
         _LIVE.discard(self)
 
 
@@ -255,7 +278,7 @@ def connect(module: str) -> tuple[object, int, int, dict]:
     """In a child started by EngineProcesses: arm the death signal, leave Ctrl-C to the parent (it
     stops us in order), connect back, and return (connection, index, count, spec)."""
     if len(sys.argv) != 4 or "LLM_BENCH_AUTHKEY" not in os.environ:
-        sys.exit(f"{module} is started by overlap.procs.EngineProcesses, not by hand")
+        sys.exit(f"{module} is started by llm_bench.procs.EngineProcesses, not by hand")
     die_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     from multiprocessing.connection import Client

@@ -1,0 +1,63 @@
+"""The stored columns people read, listed once: header, format, a legend line and which direction is
+better. The end-of-run table, `llm-bench compare` and `llm-bench report` all show these."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Column:
+    key: str            # extra_info key
+    header: str
+    fmt: str
+    legend: str
+    better: str | None  # "lower", "higher", or None (no direction: a share, a count)
+
+    def show(self, e: dict) -> str:
+        """The cell for row extra_info `e`: a dash where the row has no such number."""
+        v = e.get(self.key)
+        return self.fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+COLUMNS = (
+    Column("ttft_ms_p50", "TTFT ms", "{:.2f}", "time to first token, submit to first token on the host (p50)", "lower"),
+    Column("itl_ms_p50", "ITL ms", "{:.3f}", "inter-token latency, every gap between tokens pooled (p50)", "lower"),
+    Column("itl_ms_p99", "ITL p99", "{:.3f}", "inter-token latency, p99", "lower"),
+    Column("tpot_ms_p50", "TPOT ms", "{:.3f}", "time per output token after the first, (E2E - TTFT)/(n - 1) (p50)",
+           "lower"),
+    Column("tok_per_s", "tok/s", "{:.1f}", "output tokens per second, whole batch", "higher"),
+    Column("mbu", "MBU", "{:.2f}", "bytes a decode step must read / TPOT / the card's measured copy bandwidth",
+           "higher"),
+    Column("scaling_efficiency", "eff", "{:.2f}", "scaling efficiency: speedup x base TP / TP (1.00 = ideal)",
+           "higher"),
+    Column("comm_share", "comm", "{:.0%}", "share of TPOT that is exposed communication (--profile-communication)",
+           None),
+    Column("overlap_gain", "gain", "{:+.1%}", "TPOT(none) / TPOT(mode) - 1 at the same TP and batch", "higher"),
+    Column("comm_hidden_share", "hidden", "{:.0%}", "share of none's exposed communication the mode hides", "higher"),
+    Column("prefill_overlap_gain", "TTFT gain", "{:+.1%}", "TTFT(none) / TTFT(mode) - 1", "higher"),
+    Column("prefill_comm_hidden_share", "TTFT hidden", "{:.0%}", "share of none's exposed prefill communication "
+           "the mode hides", "higher"),
+    Column("allreduce_us_p50", "AR us", "{:.1f}", "all-reduce latency per op at the decode message size (device time)",
+           "lower"),
+    Column("busbw_gbps", "busbw GB/s", "{:.1f}", "all-reduce bus bandwidth at 256 MiB (NCCL-tests convention)",
+           "higher"),
+    Column("step_gap_us_p50", "gap us", "{:.1f}", "GPU idle time between decode steps: the host's turn-around",
+           "lower"),
+)
+BY_KEY = {c.key: c for c in COLUMNS}
+
+
+def align(table: list[list[str]], text_columns: int) -> list[str]:
+    """Rows of cells as lines: the first `text_columns` columns left-aligned, the rest right-aligned."""
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(v.ljust(widths[i]) if i < text_columns else v.rjust(widths[i]) for i, v in enumerate(row))
+            for row in table]
+
+
+def format_table(rows: list[dict]) -> list[str]:
+    """The end-of-run table: one line per benchmark, only the columns some row has."""
+    cols = [c for c in COLUMNS if any(c.key in (r.get("extra_info") or {}) for r in rows)]
+    head = ["benchmark"] + [c.header for c in cols]
+    body = [[r["name"]] + [c.show(r.get("extra_info") or {}) for c in cols] for r in rows]
+    lines = align([head] + body, text_columns=1)
+    return [lines[0], "-" * len(lines[0])] + lines[1:]
