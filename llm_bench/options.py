@@ -16,7 +16,7 @@ from typing import Any, Callable
 PREFIX = "--llm-"
 # Overlap modes of the built-in engine (what each switches on: overlap/streams.py).
 OVERLAP_MODES = ("none", "prefetch", "pipeline", "double_buffer", "full")
-ALLREDUCE_CHOICES = ("nccl", "symm", "auto")
+ALLREDUCE_CHOICES = ("nccl", "symm", "lamport", "auto")
 KERNEL_CHOICES = {"decode_attention": ("auto", "triton", "sdpa"), "gemv": ("auto", "triton", "torch")}
 
 
@@ -182,7 +182,9 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("engine_timeout", "seconds before a silent engine is declared hung", type=float, above=0,
            default=600.0, engine=True),
     # -- the built-in engine -------------------------------------------------------------------------
-    Option("allreduce", "builtin all-reduce: NCCL, symmetric-memory one-shot, or auto (symm where it works)",
+    Option("allreduce", "builtin all-reduce: NCCL; symm (symmetric-memory one-shot); lamport (symm, and each "
+           "decode all-reduce fused with the next residual add + RMSNorm in one Lamport kernel); auto (the "
+           "fastest of these that works here)",
            choices=ALLREDUCE_CHOICES, default="auto", engine=True),
     Option("num_streams", "builtin pipeline/full: micro-batches (decode) or chunks (prefill)", type=int, min=2,
            max=64, default=2, engine=True, alias=True),

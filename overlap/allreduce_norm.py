@@ -181,7 +181,7 @@ class LamportAllReduce:
     counter picks the slot); calls must not run concurrently on two streams."""
 
     def __init__(self, rank: int, world: int, device: torch.device, dtype: torch.dtype, hidden: int,
-                 max_rows: int, group_name: str | None = None, *, max_spin: int = SPIN_LIMIT,
+                 max_rows: int, group_name: str | None = None, *, pdl: bool = True, max_spin: int = SPIN_LIMIT,
                  buffers: tuple[torch.Tensor, list[int]] | None = None):
         device = torch.device(device)
         if device.type == "cuda" and device.index is None:  # compared with tensors' devices, which have one
@@ -194,7 +194,7 @@ class LamportAllReduce:
         if not 1 <= max_spin < 2 ** 31:
             raise ValueError(f"max_spin {max_spin} outside 1..2**31-1")
         self.rank, self.world, self.device, self.dtype = rank, world, device, dtype
-        self.hidden, self.max_rows, self.max_spin = hidden, max_rows, max_spin
+        self.hidden, self.max_rows, self.max_spin, self.pdl = hidden, max_rows, max_spin, pdl
         numel = SLOTS * world * max_rows * hidden
         self._handle = None
         if buffers is None:
@@ -298,7 +298,7 @@ class LamportAllReduce:
             RANK=self.rank, WORLD=self.world, MAX_ROWS=self.max_rows, D=self.hidden,
             BLOCK=triton.next_power_of_2(self.hidden), WIDE=self.dtype.itemsize == 4,
             SENT=sentinel_bits(self.dtype), NORM=norm, num_warps=8 if self.hidden >= 2048 else 4,
-            **pdl_args(self.device))
+            **pdl_args(self.device, self.pdl))
 
     def check(self) -> None:
         """Raise if a call gave up waiting for a peer (ranks out of step); synchronises the device.

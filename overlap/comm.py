@@ -1,15 +1,22 @@
 """Collectives for tensor parallelism: NCCL (GPU), gloo (CPU), a symmetric-memory one-shot all-reduce
-(GPU, low latency for decode-sized messages), and the comm-free no-op used to measure the
+(GPU, low latency for decode-sized messages), a Lamport one-shot fused with the residual add and
+RMSNorm that follow it (overlap/allreduce_norm.py), and the comm-free no-op used to measure the
 communication share of a step (wrong numbers, same compute: a measurement tool only).
+
+Which path a call takes is decided in one place per kind: `_use_symm` for a plain all-reduce,
+`fused_reason` for all-reduce + add + RMSNorm; each fallback's reason is logged once.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 
 import torch
 import torch.distributed as dist
 
 from llm_bench.options import ALLREDUCE_CHOICES
+
+log = logging.getLogger("overlap.comm")
 # One-shot reads every peer's whole buffer: good for decode messages (a few KB..MB), not prefill.
 SYMM_MAX_BYTES = 4 << 20
 
@@ -18,24 +25,79 @@ class Comm:
     """All-reduce and sampling collectives of one rank; `free()` turns them into no-ops for a while."""
 
     def __init__(self, rank: int, world: int, device: torch.device, dtype: torch.dtype,
-                 allreduce: str = "auto"):
+                 allreduce: str = "auto", hidden: int = 0, max_rows: int = 1, pdl: bool = True):
+        """`allreduce`: nccl (NCCL/gloo only), symm (the symmetric-memory one-shot for messages up to
+        SYMM_MAX_BYTES), lamport (symm, plus the fused Lamport all-reduce + add + RMSNorm for up to
+        `max_rows` rows of `hidden`), auto (each where it works, else NCCL). Asking for one that
+        cannot run here is an error, not a silent fallback."""
         if allreduce not in ALLREDUCE_CHOICES:
             raise ValueError(f"allreduce must be one of {ALLREDUCE_CHOICES}, got {allreduce!r}")
         self.rank, self.world, self.device = rank, world, device
         self.comm_free = False
         self.symm_buf = None
         self.symm_error = None
+        self.lamport = None
+        self.lamport_error = None
         self.requested = allreduce
-        if world > 1 and device.type == "cuda" and allreduce in ("symm", "auto"):
+        self._logged: set[str] = set()
+        if world > 1 and device.type == "cuda" and allreduce in ("symm", "lamport", "auto"):
             try:
                 self._init_symm(dtype)
             except Exception as e:  # noqa: BLE001 - the reason is recorded and reported
                 self.symm_error = f"{type(e).__name__}: {e}"
-                if allreduce == "symm":
-                    raise RuntimeError(f"allreduce 'symm' is not available here: {self.symm_error}") from e
-        if device.type != "cuda" and allreduce == "symm":
-            raise RuntimeError("allreduce 'symm' needs CUDA GPUs (symmetric memory); use nccl or auto")
-        self.backend = "symm" if self.symm_buf is not None else dist.get_backend() if world > 1 else "none"
+                if allreduce != "auto":
+                    raise RuntimeError(f"allreduce {allreduce!r} is not available here: {self.symm_error}") from e
+        if world > 1 and device.type == "cuda" and allreduce in ("lamport", "auto"):
+            self._init_lamport(dtype, hidden, max_rows, pdl, required=allreduce == "lamport")
+        if device.type != "cuda" and allreduce in ("symm", "lamport"):
+            raise RuntimeError(f"allreduce {allreduce!r} needs CUDA GPUs (symmetric memory); use nccl or auto")
+        if world > 1 and device.type == "cuda":
+            self._agree()
+        self.backend = ("lamport" if self.lamport is not None else "symm" if self.symm_buf is not None
+                        else dist.get_backend() if world > 1 else "none")
+
+    def _agree(self) -> None:
+        """Every rank takes the same paths (a rank alone in a one-shot or Lamport kernel would wait
+        forever): a path one rank could not build is dropped on all."""
+        have = torch.tensor([self.symm_buf is not None, self.lamport is not None], dtype=torch.int32,
+                            device=self.device)
+        dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if self.symm_buf is not None and not have[0]:
+            self.symm_buf, self.symm_error = None, self.symm_error or "another rank could not build it"
+        if self.lamport is not None and not have[1]:
+            self.lamport, self.lamport_error = None, self.lamport_error or "another rank could not build it"
+
+    def _init_lamport(self, dtype: torch.dtype, hidden: int, max_rows: int, pdl: bool, required: bool) -> None:
+        from .allreduce_norm import LamportAllReduce, unavailable_reason
+
+        why = unavailable_reason(self.device, self.world, dtype, hidden, max_rows)
+        try:
+            if why:
+                raise RuntimeError(why)
+            self.lamport = LamportAllReduce(self.rank, self.world, self.device, dtype, hidden, max_rows,
+                                            dist.group.WORLD.group_name, pdl=pdl)
+        except Exception as e:  # noqa: BLE001 - recorded, reported, and an error when it was asked for
+            self.lamport_error = f"{type(e).__name__}: {e}"
+            if required:
+                raise RuntimeError(f"allreduce 'lamport' is not available here: {self.lamport_error}") from e
+
+    def fused_reason(self, part: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor) -> str | None:
+        """Why this all-reduce and the add+RMSNorm after it cannot be one Lamport kernel (None: they
+        can). Each reason the caller falls back for is logged once (rank 0)."""
+        if self.comm_free or self.world == 1 or self.lamport is None:
+            return "no communication" if self.comm_free or self.world == 1 else \
+                self.lamport_error or f"allreduce is {self.requested!r}"
+        why = self.lamport.why_not(part, x, norm_w)
+        if why and why not in self._logged and self.rank == 0:
+            self._logged.add(why)
+            log.info("all-reduce + RMSNorm not fused: %s", why)
+        return why
+
+    def all_reduce_add_norm(self, part: torch.Tensor, x: torch.Tensor, norm_w: torch.Tensor,
+                            eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + all-reduced `part`, RMSNorm of that * norm_w) in one Lamport kernel; only where
+        `fused_reason` is None."""
+        return self.lamport.all_reduce_add_rms_norm(part, x, norm_w, eps)
 
     @contextlib.contextmanager
     def free(self, on: bool = True):

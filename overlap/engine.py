@@ -143,7 +143,8 @@ class TPEngine:
         return {
             "engine": self.name, "model": c.model, "tp": c.tp, "device": c.device, "overlap": c.overlap,
             "dtype": r0["dtype"], "allreduce": r0["allreduce"], "allreduce_requested": c.allreduce,
-            "symm_error": r0["symm_error"], "cuda_graphs": r0["cuda_graphs"], "compiled": r0["compiled"],
+            "symm_error": r0["symm_error"], "lamport_error": r0["lamport_error"],
+            "cuda_graphs": r0["cuda_graphs"], "compiled": r0["compiled"],
             "decode_attention": r0["decode_attention"], "gemv": r0["gemv"], "pdl": r0["pdl"],
             "copy_bw_reused": r0["copy_bw_reused"],
             "prefetch_bytes": r0["prefetch_bytes"], "num_streams": c.num_streams,

@@ -324,22 +324,23 @@ class TPLlama:
         mask = torch.zeros(visible.shape, device=self.device, dtype=self.dtype).masked_fill_(~visible, float("-inf"))
         return cos, sin, pos, mask.repeat(self.n_heads // self.n_kv, 1)
 
-    def _attn(self, L: Layer, x: torch.Tensor, delta, rope, b0: int, b1: int):
+    def _attn(self, L: Layer, h: torch.Tensor, rope, b0: int, b1: int) -> torch.Tensor:
+        """Attention sublayer of batch rows b0:b1 from its normalised input `h`: this rank's part of
+        the output projection (to be all-reduced)."""
         f, (cos, sin, pos, mask) = self.fns, rope
         kc, vc = L.k_cache[b0:b1], L.v_cache[b0:b1]
-        x, h = f.norm(x, delta, L.attn_norm, self.cfg.rms_norm_eps)
         qkv = f.matvec(h, L.wqkv)
-        if self._decode_kernel(x.shape[1]):
+        if self._decode_kernel(h.shape[1]):
             y = kernels.decode_attention(qkv, self.cos, self.sin, pos, kc, vc, self.n_heads, self.n_kv,
-                                         self.attn_counters, self.tuning).view(x.shape[0], 1, -1)
+                                         self.attn_counters, self.tuning).view(h.shape[0], 1, -1)
         else:
             y = f.attend(qkv, kc, vc, cos, sin, pos, mask, self.n_heads, self.n_kv, self.hd)
-        return x, f.matvec(y, L.wo)
+        return f.matvec(y, L.wo)
 
-    def _mlp(self, L: Layer, x: torch.Tensor, delta):
+    def _mlp(self, L: Layer, h: torch.Tensor) -> torch.Tensor:
+        """MLP sublayer from its normalised input `h`: this rank's part of the down projection."""
         f = self.fns
-        x, h = f.norm(x, delta, L.ffn_norm, self.cfg.rms_norm_eps)
-        return x, f.matvec(f.swiglu_up(h, L.w13, self.inter), L.w2)
+        return f.matvec(f.swiglu_up(h, L.w13, self.inter), L.w2)
 
     def _next_weight(self, li: int, sub: int) -> torch.Tensor | None:
         """The weight the GEMM right after sublayer `sub` (0 attn, 1 mlp) of layer `li` reads."""
@@ -347,30 +348,45 @@ class TPLlama:
             return self.layers[li].w13
         return self.layers[li + 1].wqkv if li + 1 < len(self.layers) else self.lm_head
 
+    def _next_norm(self, li: int, sub: int) -> torch.Tensor:
+        """The RMSNorm weight applied right after sublayer `sub` of layer `li`'s all-reduce."""
+        if sub == 0:
+            return self.layers[li].ffn_norm
+        return self.layers[li + 1].attn_norm if li + 1 < len(self.layers) else self.norm
+
     def hidden(self, tokens: torch.Tensor, pos: torch.Tensor, chunks: list[tuple[int, int, int, int]]) -> list:
-        """Run all layers over `chunks` = [(b0, b1, s0, s1)] of (batch, sequence) ranges; per chunk
-        returns (residual stream, last sublayer's all-reduced output): their sum is the last hidden
-        state, added where the next block (the head) needs it. With more than one chunk (pipeline
-        mode) each chunk's all-reduce runs on a communication stream while the next chunk's GEMMs
-        run (Domino/NanoFlow for batches, ISO for prefill chunks)."""
-        sm = self.streams
+        """Run all layers over `chunks` = [(b0, b1, s0, s1)] of (batch, sequence) ranges. Per chunk
+        returns (residual stream x, last all-reduced output d, final normalised h): either h is given
+        (the last all-reduce was fused with the final norm) or norm(x + d) is the last hidden state.
+
+        Each sublayer: add the previous all-reduced output and RMSNorm, the sublayer's GEMMs, then the
+        all-reduce of this rank's part. In one chunk the all-reduce and the next add+RMSNorm are one
+        kernel where Comm allows it (decode). With more than one chunk (pipeline mode) each chunk's
+        all-reduce runs on a communication stream while the next chunk's GEMMs run (Domino/NanoFlow
+        for batches, ISO for prefill chunks)."""
+        sm, f, eps = self.streams, self.fns, self.cfg.rms_norm_eps
         xs = [self.embed[tokens[b0:b1, s0:s1]] for (b0, b1, s0, s1) in chunks]
         ds: list = [None] * len(chunks)  # each chunk's all-reduced sublayer output, not yet added
+        hs: list = [None] * len(chunks)  # each chunk's next normalised input, where the all-reduce made it
         ropes = [self._rope_and_mask(pos[s0:s1]) for (_, _, s0, s1) in chunks]
         pending: list = [None] * len(chunks)  # event of each chunk's in-flight all-reduce
         keep = []  # tensors used across streams stay alive until the step joins
         for li, L in enumerate(self.layers):
             for sub in (0, 1):
+                norm_in, norm_out = (L.attn_norm, L.ffn_norm) if sub == 0 else (L.ffn_norm, self._next_norm(li, 1))
                 for ci, (b0, b1, _, _) in enumerate(chunks):
                     sm.wait(pending[ci])
-                    if sub == 0:
-                        xs[ci], part = self._attn(L, xs[ci], ds[ci], ropes[ci], b0, b1)
-                    else:
-                        xs[ci], part = self._mlp(L, xs[ci], ds[ci])
+                    h = hs[ci]
+                    if h is None:
+                        xs[ci], h = f.norm(xs[ci], ds[ci], norm_in, eps)
+                    part = self._attn(L, h, ropes[ci], b0, b1) if sub == 0 else self._mlp(L, h)
                     nxt = self._next_weight(li, sub)
                     if len(chunks) == 1:
                         sm.prefetch(nxt)
-                        ds[ci] = self.comm.all_reduce(part)
+                        if self.comm.fused_reason(part, xs[ci], norm_out) is None:
+                            (xs[ci], hs[ci]), ds[ci] = self.comm.all_reduce_add_norm(part, xs[ci], norm_out, eps), None
+                        else:
+                            ds[ci], hs[ci] = self.comm.all_reduce(part), None
                         continue
                     ready = sm.event()
                     with sm.on(sm.comm_stream(ci)):
@@ -383,29 +399,26 @@ class TPLlama:
         for ci in range(len(chunks)):
             sm.wait(pending[ci])
         sm.join()
-        return list(zip(xs, ds))
+        return list(zip(xs, ds, hs))
+
+    def _final(self, x, d, h) -> torch.Tensor:
+        """The normalised last hidden state: given by a fused all-reduce, or norm(x + d) now."""
+        return h if h is not None else self.fns.norm(x, d, self.norm, self.cfg.rms_norm_eps)[1]
 
     def forward_next(self, tokens: torch.Tensor, pos: torch.Tensor, chunks) -> torch.Tensor:
         """Greedy next token per sequence after `tokens` at positions `pos` (prefill or decode)."""
         outs = self.hidden(tokens, pos, chunks)
         # The last position of each batch range: with sequence chunks only the last chunk has it.
         lasts = {}
-        for (b0, b1, s0, s1), (x, d) in zip(chunks, outs):
+        for (b0, b1, s0, s1), (x, d, h) in zip(chunks, outs):
             if s1 == tokens.shape[1]:
-                lasts[b0] = (x[:, -1], d[:, -1])
-        order = sorted(lasts)
-        if len(order) == 1:
-            x_last, d_last = lasts[order[0]]
-        else:
-            x_last = torch.cat([lasts[k][0] for k in order], dim=0)
-            d_last = torch.cat([lasts[k][1] for k in order], dim=0)
-        _, h = self.fns.norm(x_last, d_last, self.norm, self.cfg.rms_norm_eps)
+                lasts[b0] = self._final(x[:, -1], None if d is None else d[:, -1], None if h is None else h[:, -1])
+        h = torch.cat([lasts[k] for k in sorted(lasts)], dim=0) if len(lasts) > 1 else next(iter(lasts.values()))
         val, idx = self.fns.greedy(self.fns.matvec(h, self.lm_head))
         offset = self.rank * self.vocab_local
         return self.comm.argmax(val, idx + offset if offset else idx)
 
     def full_logits(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """All-position, all-vocab logits (correctness tests)."""
-        ((x, d),) = self.hidden(tokens, pos, [(0, tokens.shape[0], 0, tokens.shape[1])])
-        _, h = self.fns.norm(x, d, self.norm, self.cfg.rms_norm_eps)
-        return self.comm.gather_logits(self.fns.matvec(h, self.lm_head))
+        ((x, d, h),) = self.hidden(tokens, pos, [(0, tokens.shape[0], 0, tokens.shape[1])])
+        return self.comm.gather_logits(self.fns.matvec(self._final(x, d, h), self.lm_head))

@@ -29,10 +29,12 @@ class Runner:
         self.rank, self.world, self.device, self.config = rank, world, device, config
         c = config
         dtype = DTYPES[c.dtype]
-        self.comm = Comm(rank, world, device, dtype, c.allreduce)
+        model_cfg = resolve_model(c.model)
+        self.comm = Comm(rank, world, device, dtype, c.allreduce, hidden=model_cfg.hidden_size,
+                         max_rows=c.max_batch, pdl=c.pdl)
         prefetch = None if c.prefetch_mb is None else int(c.prefetch_mb * 2**20)
         self.sm = StreamManager(device, c.overlap, c.num_streams, prefetch)
-        self.model = TPLlama(resolve_model(c.model), self.comm, self.sm, max_batch=c.max_batch, max_seq=c.max_seq,
+        self.model = TPLlama(model_cfg, self.comm, self.sm, max_batch=c.max_batch, max_seq=c.max_seq,
                              seed=c.seed, dtype=dtype, compile=c.compile, decode_attention=c.decode_attention,
                              gemv=c.gemv, tuning=Tuning(c.pdl, c.attention_block_t, c.attention_warps))
         self.cuda = device.type == "cuda"
@@ -54,6 +56,7 @@ class Runner:
         d = {
             "rank": self.rank, "device": str(self.device), "dtype": str(m.dtype).replace("torch.", ""),
             "allreduce": self.comm.backend, "symm_error": self.comm.symm_error,
+            "lamport_error": self.comm.lamport_error,
             "weight_bytes_per_step": m.weight_bytes_per_step(), "kv_bytes_per_token": m.kv_bytes_per_token(),
             "copy_bw_bytes_per_s": self.copy_bw, "copy_bw_reused": bool(self.config.copy_bw),
             "cuda_graphs": self.use_graphs, "compiled": self.config.compile, "pdl": self.model.tuning.pdl,

@@ -76,24 +76,23 @@ def _per_call_us(fn, calls: int, replays: int) -> float:
     return statistics.median(s.elapsed_time(e) for s, e in ev) * 1e3 / calls
 
 
-def _methods(comm, lam, part: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> dict:
-    """name -> (call returning the result or (residual, normed), whether it runs Triton kernels)."""
+def _methods(comm, lams: dict, part: torch.Tensor, x: torch.Tensor, w: torch.Tensor, pdl: bool) -> dict:
+    """name -> call returning the result or (residual, normed), for PDL on or off (Triton kernels)."""
     from overlap import gemv
     from overlap.model import add_rms_norm
 
     def symm_norm():
         d = comm.all_reduce(part)
-        return gemv.add_rms_norm(x, d, w, EPS) if part.numel() == part.shape[-1] else add_rms_norm(x, d, w, EPS)
+        return gemv.add_rms_norm(x, d, w, EPS, pdl=pdl) if part.numel() == part.shape[-1] else add_rms_norm(x, d, w, EPS)
     return {
-        "symm": (lambda: comm.all_reduce(part), False),
-        "symm+norm": (symm_norm, part.numel() == part.shape[-1]),
-        "lamport": (lambda: lam.all_reduce(part), True),
-        "lamport+norm": (lambda: lam.all_reduce_add_rms_norm(part, x, w, EPS), True),
+        "symm": lambda: comm.all_reduce(part),
+        "symm+norm": symm_norm,
+        "lamport": lambda: lams[pdl].all_reduce(part),
+        "lamport+norm": lambda: lams[pdl].all_reduce_add_rms_norm(part, x, w, EPS),
     }
 
 
 def _worker(rank: int, world: int, init_file: str, a: argparse.Namespace) -> None:
-    from overlap import kernels
     from overlap.allreduce_norm import LamportAllReduce
     from overlap.comm import Comm
 
@@ -107,7 +106,9 @@ def _worker(rank: int, world: int, init_file: str, a: argparse.Namespace) -> Non
             print(json.dumps(rec), flush=True)
 
     comm = Comm(rank, world, dev, dt, "symm")
-    lam = LamportAllReduce(rank, world, dev, dt, a.hidden, max(a.rows), dist.group.WORLD.group_name)
+    lams = {pdl: LamportAllReduce(rank, world, dev, dt, a.hidden, max(a.rows), dist.group.WORLD.group_name, pdl=pdl)
+            for pdl in (True, False)}
+    lam = lams[True]
     emit({"gpu": torch.cuda.get_device_name(dev), "world": world, "torch": torch.__version__,
           "nccl": ".".join(map(str, torch.cuda.nccl.version())), "lamport_buffer_bytes": lam.memory_bytes()})
 
@@ -124,13 +125,13 @@ def _worker(rank: int, world: int, init_file: str, a: argparse.Namespace) -> Non
         ref_res = x.float() + ref_sum
         ref_h = ref_res * torch.rsqrt(ref_res.pow(2).mean(-1, keepdim=True) + EPS) * w.float()
 
-        methods = _methods(comm, lam, part, x, w)
+        methods = _methods(comm, lams, part, x, w, True)
         # 1. Correctness, PDL as the engine runs it.
         nccl_sum = part.clone()
         dist.all_reduce(nccl_sum)
         ok = True
         checks = {"nccl": (nccl_sum,)}
-        for name, (fn, _) in methods.items():
+        for name, fn in methods.items():
             r = fn()
             checks[name] = r if isinstance(r, tuple) else (r,)
         torch.cuda.synchronize()
@@ -157,12 +158,14 @@ def _worker(rank: int, world: int, init_file: str, a: argparse.Namespace) -> Non
 
         # 2. Timing.
         y = part.clone()  # NCCL in place on a scratch copy: the values grow, the time does not change
-        timed = [("nccl", None, functools.partial(dist.all_reduce, y))]
-        for name, (fn, triton_kernels) in methods.items():
-            for pdl in ((True, False) if triton_kernels else (None,)):
-                timed.append((name, pdl, fn))
+        timed = [("nccl", None, functools.partial(dist.all_reduce, y)), ("symm", None, methods["symm"])]
+        one_row = part.numel() == part.shape[-1]  # the Triton add+RMSNorm (with PDL) runs at one row only
+        for pdl in (True, False):
+            fns = _methods(comm, lams, part, x, w, pdl)
+            timed += [(name, pdl if (name != "symm+norm" or one_row) else None, fns[name])
+                      for name in ("symm+norm", "lamport", "lamport+norm")
+                      if pdl or name != "symm+norm" or one_row]
         for name, pdl, fn in timed:
-            kernels.USE_PDL = pdl is not False
             us = _per_call_us(fn, a.calls, a.replays)
             worst = torch.tensor([us], device=dev)
             dist.all_reduce(worst, op=dist.ReduceOp.MAX)
@@ -171,8 +174,8 @@ def _worker(rank: int, world: int, init_file: str, a: argparse.Namespace) -> Non
                    "replays": a.replays}
             results.append(rec)
             emit(rec)
-        kernels.USE_PDL = True
-        lam.check()
+        for lam_ in lams.values():
+            lam_.check()
     if out:
         print(f"\n{'rows':>4}  {'method':<13} {'PDL on':>8} {'PDL off':>8}  (us per call, rank 0, median)")
         for rows in a.rows:
@@ -194,7 +197,7 @@ def main() -> int:
     ap.add_argument("--replays", type=int, default=50)
     ap.add_argument("--timeout", type=float, default=300, help="seconds before the ranks are stopped")
     a = ap.parse_args()
-    from overlap.procs import NCCL_SAFE_ENV
+    from llm_bench.procs import NCCL_SAFE_ENV
 
     os.environ.update(NCCL_SAFE_ENV)  # before CUDA, NCCL or symmetric memory start; the ranks inherit it
     if a.tp < 2 or a.tp > torch.cuda.device_count():

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One batch of GPU work for the device machine: smoke checks, then benchmark sweeps, results under
-# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline compile anatomy gemv-tune attn-tune prefetch tp overlap
+# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline compile anatomy allreduce-bench
+# prefill-bench gemv-tune attn-tune prefetch tp overlap
 # overlap70 tp70 peer gate trace
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,7 @@ for stage in "$@"; do
         timeout 120 $PY -m overlap.generate --model llama3-1b --tp 2 --device cuda --batch-size 4 \
           --prompt-len 32 --max-tokens 16 --overlap $m | cut -c1-300
       done
-      for ar in ${SMOKE_AR:-nccl symm}; do
+      for ar in ${SMOKE_AR:-nccl symm lamport}; do
         timeout 120 $PY -m overlap.generate --model llama3-1b --tp 2 --device cuda --batch-size 4 \
           --prompt-len 32 --max-tokens 16 --allreduce $ar | cut -c1-300
       done
@@ -35,6 +36,11 @@ for stage in "$@"; do
                "compile --decode-attention triton --gemv triton --no-pdl" "compile --decode-attention triton --gemv triton"; do
         $PY scripts/step_anatomy.py --variant $v | tee -a $OUT/anatomy.jsonl | cut -c1-400
       done ;;
+    allreduce-bench)  # decode all-reduce paths at 1 and 16 rows: NCCL, symm one-shot (+ norm), Lamport (+ fused norm)
+      timeout 300 $PY scripts/bench_allreduce.py --tp 2 | tee $OUT/allreduce-bench.jsonl | tail -14 ;;
+    prefill-bench)  # one 8B layer's prefill at TP=2: none, pipeline chunks (NCCL, capped CTAs, copy engine), async TP
+      timeout 420 $PY scripts/bench_prefill_overlap.py --timeout-s 400 --json-out $OUT/prefill-overlap.jsonl \
+        > $OUT/prefill-overlap.log 2>&1; grep -v 'NCCL INFO' $OUT/prefill-overlap.log | tail -60 ;;
     gemv-tune)  # the batch-1 GEMV kernel per weight shape: rows x columns per program x warps, beside Inductor and cuBLAS
       $PY scripts/tune_gemv.py --tp ${GEMV_TPS:-1 2} | tee $OUT/gemv-tune.jsonl | grep -E '"best"|configs' | cut -c1-300 ;;
     attn-tune)  # the decode-attention kernel alone: keys per block x warps, beside the SDPA path
