@@ -45,8 +45,9 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def _same_on_all_ranks(t: torch.Tensor, world: int) -> bool:
-    bits = t.contiguous().view(torch.int16).flatten()
-    allb = torch.empty(world * bits.numel(), dtype=torch.int16, device=t.device)
+    # As int32: NCCL has no 16-bit integer type.
+    bits = t.contiguous().view(torch.int16).flatten().to(torch.int32)
+    allb = torch.empty(world * bits.numel(), dtype=torch.int32, device=t.device)
     dist.all_gather_into_tensor(allb, bits)
     allb = allb.view(world, -1)
     return bool((allb == allb[0]).all().item())

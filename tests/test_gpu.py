@@ -1,5 +1,5 @@
 """Checks that need two CUDA GPUs (skipped elsewhere; `scripts/gpu_sweep.sh smoke` runs them):
-the symmetric-memory all-reduce gives NCCL's tokens, and repeated engine builds of every overlap
+every all-reduce path gives NCCL's tokens, and repeated engine builds of every overlap
 mode create the same streams each time and leave nothing on the GPUs once closed, and `--compile`
 works inside the CUDA graphs."""
 from __future__ import annotations
@@ -22,29 +22,31 @@ STREAMS = {"none": 0, "double_buffer": 0, "pipeline": 1, "prefetch": 2, "full": 
 
 def _engine(tp: int = 2, **kw) -> TPEngine:
     kw.setdefault("compile", False)  # these check streams, memory and collectives; --compile has its own test
-    return TPEngine(EngineConfig(model="tiny", tp=tp, device="cuda", batch_sizes=(4,), max_seq=48,
-                                 engine_timeout=180, **kw))
+    kw.setdefault("batch_sizes", (4,))
+    return TPEngine(EngineConfig(model="tiny", tp=tp, device="cuda", max_seq=48, engine_timeout=180, **kw))
 
 
 @pytest.mark.parametrize("tp", [2, 4])
-def test_symm_gives_the_tokens_of_nccl(tp):
-    """In float32: the two all-reduces add the ranks' parts in different orders, which in bf16 at
-    TP=4 flipped a near-tied greedy token of the random tiny model (4x H200, 2026-11-26)."""
+@pytest.mark.parametrize("allreduce", ["symm", "lamport"])
+def test_every_allreduce_gives_the_tokens_of_nccl(tp, allreduce):
+    """In float32, at batch 1 and 4, decode in CUDA graphs: symm (one-shot) and lamport (the
+    Lamport all-reduce fused with the next add + RMSNorm) give NCCL's tokens. Not in bf16: the
+    all-reduces add the ranks' parts in different orders, which in bf16 at TP=4 flipped a near-tied
+    greedy token of the random tiny model (4x H200, 2026-11-26)."""
     if tp > visible_gpus():
         pytest.skip(f"TP={tp} needs {tp} GPUs; {visible_gpus()} visible")
-    prompts = random_prompts(4, 32, 512, 0)
     tokens = {}
-    for ar in ("nccl", "symm"):
+    for ar in ("nccl", allreduce):
         try:
-            eng = _engine(tp, allreduce=ar, dtype="float32")
-        except Exception as e:  # noqa: BLE001 - only symm's own refusal is a skip
-            if ar == "symm" and "not available here" in str(e):
-                pytest.skip(f"symmetric memory unavailable on this stack: {e}")
+            eng = _engine(tp, allreduce=ar, dtype="float32", batch_sizes=(1, 4))
+        except Exception as e:  # noqa: BLE001 - only the path's own refusal is a skip
+            if ar != "nccl" and "not available here" in str(e):
+                pytest.skip(f"{ar} unavailable on this stack: {e}")
             raise
         with eng:
             assert eng.describe()["allreduce"] == ar
-            tokens[ar] = eng.generate(prompts, 16).tokens
-    assert tokens["symm"] == tokens["nccl"]
+            tokens[ar] = [eng.generate(random_prompts(b, 32, 512, b), 16).tokens for b in (1, 4)]
+    assert tokens[allreduce] == tokens["nccl"]
 
 
 def _used_bytes() -> list[int]:
