@@ -188,6 +188,11 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
            choices=ALLREDUCE_CHOICES, default="auto", engine=True),
     Option("num_streams", "builtin pipeline/full: micro-batches (decode) or chunks (prefill)", type=int, min=2,
            max=64, default=2, engine=True, alias=True),
+    Option("pipeline_min_batch", "builtin pipeline/full: split decode steps into micro-batches from this batch "
+           "size (below, each micro-batch re-reading the weights costs more than the all-reduce it hides)",
+           type=int, min=2, max=1 << 20, default=ByDevice(2, 512), engine=True),
+    Option("pipeline_min_tokens", "builtin pipeline/full: split prefill into chunks from this many prompt tokens "
+           "(batch x prompt length)", type=int, min=1, max=1 << 30, default=ByDevice(1, 4096), engine=True),
     Option("prefetch_mb", "builtin prefetch/full: MB of the next weight pulled into L2 per all-reduce "
            "(default: half of L2)", type=float, min=0, engine=True),
     Option("cuda_graphs", "builtin: decode steps and prefill as CUDA graphs", type="bool?", engine=True),

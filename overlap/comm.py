@@ -19,17 +19,21 @@ from llm_bench.options import ALLREDUCE_CHOICES
 log = logging.getLogger("overlap.comm")
 # One-shot reads every peer's whole buffer: good for decode messages (a few KB..MB), not prefill.
 SYMM_MAX_BYTES = 4 << 20
+# A pipelined chunk's all-reduce from this size on moves its data by copy engine (ce_allreduce.py).
+CE_MIN_BYTES = SYMM_MAX_BYTES
 
 
 class Comm:
     """All-reduce and sampling collectives of one rank; `free()` turns them into no-ops for a while."""
 
     def __init__(self, rank: int, world: int, device: torch.device, dtype: torch.dtype,
-                 allreduce: str = "auto", hidden: int = 0, max_rows: int = 1, pdl: bool = True):
+                 allreduce: str = "auto", hidden: int = 0, max_rows: int = 1, pdl: bool = True,
+                 ce_slots: int = 0, ce_rows: int = 0):
         """`allreduce`: nccl (NCCL/gloo only), symm (the symmetric-memory one-shot for messages up to
         SYMM_MAX_BYTES), lamport (symm, plus the fused Lamport all-reduce + add + RMSNorm for up to
         `max_rows` rows of `hidden`), auto (each where it works, else NCCL). Asking for one that
-        cannot run here is an error, not a silent fallback."""
+        cannot run here is an error, not a silent fallback. With symmetric memory and `ce_slots`,
+        pipelined chunks' large all-reduces (up to `ce_rows` rows) move their data by copy engine."""
         if allreduce not in ALLREDUCE_CHOICES:
             raise ValueError(f"allreduce must be one of {ALLREDUCE_CHOICES}, got {allreduce!r}")
         self.rank, self.world, self.device = rank, world, device
@@ -38,6 +42,8 @@ class Comm:
         self.symm_error = None
         self.lamport = None
         self.lamport_error = None
+        self.ce = None
+        self.ce_error = None
         self.requested = allreduce
         self._logged: set[str] = set()
         if world > 1 and device.type == "cuda" and allreduce in ("symm", "lamport", "auto"):
@@ -49,6 +55,8 @@ class Comm:
                     raise RuntimeError(f"allreduce {allreduce!r} is not available here: {self.symm_error}") from e
         if world > 1 and device.type == "cuda" and allreduce in ("lamport", "auto"):
             self._init_lamport(dtype, hidden, max_rows, pdl, required=allreduce == "lamport")
+        if self.symm_buf is not None and ce_slots and ce_rows:
+            self._init_ce(dtype, hidden, ce_slots, ce_rows)
         if device.type != "cuda" and allreduce in ("symm", "lamport"):
             raise RuntimeError(f"allreduce {allreduce!r} needs CUDA GPUs (symmetric memory); use nccl or auto")
         if world > 1 and device.type == "cuda":
@@ -56,12 +64,36 @@ class Comm:
         self.backend = ("lamport" if self.lamport is not None else "symm" if self.symm_buf is not None
                         else dist.get_backend() if world > 1 else "none")
 
+    def _init_ce(self, dtype: torch.dtype, hidden: int, slots: int, rows: int) -> None:
+        from .ce_allreduce import CopyEngineAllReduce
+
+        rows = -(-rows // self.world) * self.world  # whole shares per rank
+        try:
+            self.ce = CopyEngineAllReduce.symmetric(self.group_name, self.rank, self.world, slots, rows, hidden,
+                                                    dtype, self.device)
+        except Exception as e:  # noqa: BLE001 - recorded and reported; pipelined chunks then use NCCL
+            self.ce_error = f"{type(e).__name__}: {e}"
+
+    def ce_reason(self, x: torch.Tensor, slot: int) -> str | None:
+        """Why this chunk's all-reduce cannot move its data by copy engine (None: it can)."""
+        if self.ce is None:
+            return self.ce_error or "no copy-engine buffers (needs symmetric memory and pipelined prefill)"
+        rows = x.numel() // x.shape[-1]
+        if x.numel() * x.element_size() < CE_MIN_BYTES:
+            return f"{x.numel() * x.element_size()} bytes: below {CE_MIN_BYTES} the one-shot's latency wins"
+        if rows % self.world or x.shape[-1] != self.ce.hidden or rows * x.shape[-1] > self.ce.slot_elems \
+                or not 0 <= slot < self.ce.slots or x.dtype != self.ce.dtype:
+            return f"{rows} rows of {x.shape[-1]} {x.dtype} in slot {slot} do not fit the copy-engine buffers"
+        return None
+
     def _agree(self) -> None:
         """Every rank takes the same paths (a rank alone in a one-shot or Lamport kernel would wait
         forever): a path one rank could not build is dropped on all."""
-        have = torch.tensor([self.symm_buf is not None, self.lamport is not None], dtype=torch.int32,
-                            device=self.device)
+        have = torch.tensor([self.symm_buf is not None, self.lamport is not None, self.ce is not None],
+                            dtype=torch.int32, device=self.device)
         dist.all_reduce(have, op=dist.ReduceOp.MIN)
+        if self.ce is not None and not have[2]:
+            self.ce, self.ce_error = None, self.ce_error or "another rank could not build it"
         if self.symm_buf is not None and not have[0]:
             self.symm_buf, self.symm_error = None, self.symm_error or "another rank could not build it"
         if self.lamport is not None and not have[1]:
@@ -134,10 +166,14 @@ class Comm:
         self.symm_buf[:n].copy_(x.reshape(-1))
         self.one_shot(self.symm_buf[:n], "sum", self.group_name, out.view(-1))
 
-    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum `x` over ranks; returns the result (in place for NCCL/gloo)."""
+    def all_reduce(self, x: torch.Tensor, slot: int | None = None) -> torch.Tensor:
+        """Sum `x` over ranks; returns the result (in place for NCCL/gloo). `slot`: the pipeline
+        chunk it belongs to, whose large all-reduce may run by copy engine (ce_reason)."""
         if self.world == 1 or self.comm_free:
             return x
+        if slot is not None and self.ce_reason(x, slot) is None:
+            rows = x.numel() // x.shape[-1]
+            return self.ce(x.reshape(rows, x.shape[-1]), slot).view(x.shape)
         if self.symm_buf is not None and x.numel() * x.element_size() <= SYMM_MAX_BYTES:
             x = x.contiguous()  # `out` must be contiguous too: the kernel writes through out.view(-1)
             out = torch.empty_like(x)

@@ -158,6 +158,8 @@ class EngineConfig:
     engine_timeout: float = options.default("engine_timeout")
     allreduce: str = options.default("allreduce")
     num_streams: int = options.default("num_streams")
+    pipeline_min_batch: int | None = None   # device-dependent defaults: filled by resolved()
+    pipeline_min_tokens: int | None = None
     prefetch_mb: float | None = options.default("prefetch_mb")
     cuda_graphs: bool | None = options.default("cuda_graphs")
     compile: bool | None = options.default("compile")
@@ -182,7 +184,8 @@ class EngineConfig:
 
     def resolved(self) -> "EngineConfig":
         """Device-dependent choices made: bf16, torch.compile, CUDA graphs and PDL on CUDA; fp32 and
-        none of them on CPU (compiling needs a C++ compiler and minutes there)."""
+        none of them on CPU (compiling needs a C++ compiler and minutes there); where pipelining
+        pays (measured on GPUs; everywhere on CPU, where the modes are checked for correctness)."""
         cuda = self.device == "cuda"
         return replace(
             self, batch_sizes=tuple(sorted(set(int(b) for b in self.batch_sizes))),
@@ -190,6 +193,8 @@ class EngineConfig:
             compile=cuda if self.compile is None else self.compile,
             cuda_graphs=cuda if self.cuda_graphs is None else (self.cuda_graphs and cuda),
             pdl=cuda if self.pdl is None else self.pdl,
+            pipeline_min_batch=self.pipeline_min_batch or options.default("pipeline_min_batch", cuda),
+            pipeline_min_tokens=self.pipeline_min_tokens or options.default("pipeline_min_tokens", cuda),
             gpu_ids=tuple(self.gpu_ids) if self.gpu_ids else tuple(range(self.tp)))
 
     @property
@@ -198,3 +203,9 @@ class EngineConfig:
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def schedule(self):
+        """Where this engine's overlap mode splits its work (overlap.streams.Schedule); resolved config."""
+        from .streams import Schedule
+
+        return Schedule(self.overlap, self.num_streams, self.pipeline_min_batch, self.pipeline_min_tokens)

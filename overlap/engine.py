@@ -15,7 +15,6 @@ from llm_bench.engine import ConfigError, EngineError, Generation, ModeNotApplic
 from llm_bench.procs import EngineProcesses
 
 from .config import EngineConfig, resolve_model
-from .streams import applied_parts, check_applicable
 
 __all__ = ["EngineConfig", "EngineError", "Generation", "TPEngine", "visible_gpus"]
 
@@ -71,7 +70,7 @@ class TPEngine:
         if batch > max(c.batch_sizes):
             raise ConfigError(f"batch {batch} is larger than the engine's largest batch "
                               f"{max(c.batch_sizes)} (its KV cache is sized for that)")
-        why = check_applicable(c.overlap, batch)
+        why = c.schedule().not_applicable(batch, prompt_len)
         if why:
             raise ModeNotApplicable(why)
 
@@ -94,7 +93,8 @@ class TPEngine:
         self.procs.send(("generate", prompts, int(max_tokens), bool(comm_free)))
         replies = self.procs.collect("generate", self.config.engine_timeout)
         res = replies[0][1]
-        info = {"overlap_applied": ",".join(applied_parts(self.config.overlap, len(prompts))) or "none"}
+        applied = self.config.schedule().applied(len(prompts), len(prompts[0]))
+        info = {"overlap_applied": ",".join(applied) or "none"}
         if "mem_peak_gb" in res:
             info["gpu_mem_gb_peak"] = res["mem_peak_gb"]
         for k in ("step_gap_us_p50", "step_gap_us_mean"):
@@ -143,7 +143,8 @@ class TPEngine:
         return {
             "engine": self.name, "model": c.model, "tp": c.tp, "device": c.device, "overlap": c.overlap,
             "dtype": r0["dtype"], "allreduce": r0["allreduce"], "allreduce_requested": c.allreduce,
-            "symm_error": r0["symm_error"], "lamport_error": r0["lamport_error"],
+            "symm_error": r0["symm_error"], "lamport_error": r0["lamport_error"], "ce_error": r0["ce_error"],
+            "prefill_chunk_allreduce": r0["prefill_chunk_allreduce"],
             "cuda_graphs": r0["cuda_graphs"], "compiled": r0["compiled"],
             "decode_attention": r0["decode_attention"], "gemv": r0["gemv"], "pdl": r0["pdl"],
             "copy_bw_reused": r0["copy_bw_reused"],

@@ -393,7 +393,7 @@ class TPLlama:
                         sm.wait(ready)
                         if ci == len(chunks) - 1:
                             sm.prefetch(nxt)
-                        ds[ci] = self.comm.all_reduce(part)
+                        ds[ci] = self.comm.all_reduce(part, slot=ci)
                         pending[ci] = sm.event()
                     keep.append((part, ds[ci]))
         for ci in range(len(chunks)):

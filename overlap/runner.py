@@ -15,7 +15,7 @@ from .comm import Comm
 from .config import EngineConfig, resolve_model
 from .kernels import Tuning
 from .model import TPLlama
-from .streams import StreamManager, check_applicable, decode_chunks, prefill_chunks
+from .streams import StreamManager
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,11 +27,15 @@ class Runner:
 
     def __init__(self, rank: int, world: int, device: torch.device, config: EngineConfig, build_graphs: bool = True):
         self.rank, self.world, self.device, self.config = rank, world, device, config
+        self.schedule = config.schedule()
         c = config
         dtype = DTYPES[c.dtype]
         model_cfg = resolve_model(c.model)
+        # The largest pipelined prefill chunk (rows = sequences x tokens), which sizes the copy-engine buffers.
+        splits = [self.schedule.prefill_chunks(b, c.max_seq) for b in c.batch_sizes]
+        ce_rows = max(((b1 - b0) * (s1 - s0) for chs in splits if len(chs) > 1 for b0, b1, s0, s1 in chs), default=0)
         self.comm = Comm(rank, world, device, dtype, c.allreduce, hidden=model_cfg.hidden_size,
-                         max_rows=c.max_batch, pdl=c.pdl)
+                         max_rows=c.max_batch, pdl=c.pdl, ce_slots=c.num_streams, ce_rows=ce_rows)
         prefetch = None if c.prefetch_mb is None else int(c.prefetch_mb * 2**20)
         self.sm = StreamManager(device, c.overlap, c.num_streams, prefetch)
         self.model = TPLlama(model_cfg, self.comm, self.sm, max_batch=c.max_batch, max_seq=c.max_seq,
@@ -47,8 +51,7 @@ class Runner:
         self.copy_bw = c.copy_bw or (self._measure_copy_bw() if self.cuda else None)
         self.timestamp_ns = self._timestamp_cost_ns()
         for b in c.batch_sizes if build_graphs else ():
-            if check_applicable(c.overlap, b, decode=True) is None:
-                self.decode_graphs(b, False)
+            self.decode_graphs(b, False)
 
     # -- description ---------------------------------------------------------------------------------
     def describe(self) -> dict:
@@ -57,6 +60,8 @@ class Runner:
             "rank": self.rank, "device": str(self.device), "dtype": str(m.dtype).replace("torch.", ""),
             "allreduce": self.comm.backend, "symm_error": self.comm.symm_error,
             "lamport_error": self.comm.lamport_error,
+            "prefill_chunk_allreduce": "copy-engine" if self.comm.ce is not None else self.comm.backend,
+            "ce_error": self.comm.ce_error,
             "weight_bytes_per_step": m.weight_bytes_per_step(), "kv_bytes_per_token": m.kv_bytes_per_token(),
             "copy_bw_bytes_per_s": self.copy_bw, "copy_bw_reused": bool(self.config.copy_bw),
             "cuda_graphs": self.use_graphs, "compiled": self.config.compile, "pdl": self.model.tuning.pdl,
@@ -114,7 +119,7 @@ class Runner:
     def _step_body(self, b: int, src: int):
         """One decode step: tokens in buffer `src` at position `pos` -> next tokens in buffer 1-src."""
         buf = self.buffers(b)
-        chunks = decode_chunks(self.config.overlap, b, self.config.num_streams)
+        chunks = self.schedule.decode_chunks(b)
 
         def body():
             nxt = self.model.forward_next(buf["tok"][src].view(b, 1), buf["pos"], chunks)
@@ -166,7 +171,7 @@ class Runner:
             tok = torch.zeros(b, p, dtype=torch.long, device=self.device)
             pos = torch.arange(p, device=self.device)
             out = torch.zeros(b, dtype=torch.long, device=self.device)
-            chunks = prefill_chunks(self.config.overlap, b, p, self.config.num_streams)
+            chunks = self.schedule.prefill_chunks(b, p)
 
             def body():
                 out.copy_(self.model.forward_next(tok, pos, chunks))

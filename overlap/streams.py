@@ -5,14 +5,14 @@ same code in program order, so CPU runs check the modes' correctness.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 
 import torch
 
 from llm_bench.engine import ModeNotApplicable
 from llm_bench.options import OVERLAP_MODES as MODES
 
-__all__ = ["MODES", "MODE_PARTS", "ModeNotApplicable", "StreamManager", "applied_parts", "check_applicable",
-           "decode_chunks", "prefill_chunks"]
+__all__ = ["MODES", "MODE_PARTS", "ModeNotApplicable", "Schedule", "StreamManager"]
 # What each mode switches on; `full` is all of them.
 MODE_PARTS = {
     "none": set(),
@@ -123,43 +123,70 @@ class StreamManager:
         cur.wait_stream(self.copy_stream)
 
 
-def check_applicable(mode: str, batch: int, decode: bool = True) -> str | None:
-    """None when `mode` applies to a batch of `batch`; otherwise why it cannot. `full` at batch 1
-    still applies (prefetch + double buffering + prefill chunks); only its micro-batches drop out."""
-    if mode not in MODES:
-        return f"unknown overlap mode {mode!r}; choose from {', '.join(MODES)}"
-    if mode == "pipeline" and decode and batch < 2:
-        return ("pipeline overlaps one micro-batch's all-reduce with the next one's GEMMs, so decode "
-                f"needs batch >= 2 to split (got batch {batch})")
-    return None
-
-
-def applied_parts(mode: str, batch: int) -> list[str]:
-    """What of `mode` actually runs for decode at this batch size (recorded with each result)."""
-    parts = set(MODE_PARTS[mode])
-    if batch < 2:
-        parts.discard("pipeline")
-    return sorted(parts)
-
-
 def _split(n: int, k: int) -> list[tuple[int, int]]:
     k = max(1, min(k, n))
     edges = [round(i * n / k) for i in range(k + 1)]
     return [(edges[i], edges[i + 1]) for i in range(k)]
 
 
-def decode_chunks(mode: str, batch: int, num_streams: int) -> list[tuple[int, int, int, int]]:
-    """(b0, b1, s0, s1) ranges of a decode step: micro-batches when pipelining, else the whole batch."""
-    if "pipeline" in MODE_PARTS[mode] and batch >= 2:
-        return [(b0, b1, 0, 1) for b0, b1 in _split(batch, num_streams)]
-    return [(0, batch, 0, 1)]
+@dataclass(frozen=True)
+class Schedule:
+    """Where a mode's pipelining applies: decode micro-batches from `min_batch` sequences, prefill
+    chunks from `min_tokens` prompt tokens (batch x prompt length). Below them micro-batching costs
+    more than the communication it hides (each micro-batch re-reads the weights; small chunks' GEMMs
+    lose efficiency: NOTES-gpu.md, sixth session), so the step runs whole and `applied` says so."""
+    mode: str = "none"
+    num_streams: int = 2
+    min_batch: int = 2
+    min_tokens: int = 1
 
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown overlap mode {self.mode!r}; choose from {', '.join(MODES)}")
 
-def prefill_chunks(mode: str, batch: int, prompt_len: int, num_streams: int):
-    """Prefill ranges: micro-batches for batch >= 2, sequence chunks (ISO style) for batch 1."""
-    if "pipeline" not in MODE_PARTS[mode]:
-        return [(0, batch, 0, prompt_len)]
-    k = num_streams
-    if batch >= 2:
-        return [(b0, b1, 0, prompt_len) for b0, b1 in _split(batch, k)]
-    return [(0, 1, s0, s1) for s0, s1 in _split(prompt_len, k)]
+    @property
+    def pipelined(self) -> bool:
+        return "pipeline" in MODE_PARTS[self.mode]
+
+    def pipelines_decode(self, batch: int) -> bool:
+        return self.pipelined and batch >= max(2, self.min_batch)
+
+    def pipelines_prefill(self, batch: int, prompt_len: int) -> bool:
+        return self.pipelined and batch * prompt_len >= self.min_tokens and (batch >= 2 or prompt_len >= 2)
+
+    def decode_chunks(self, batch: int) -> list[tuple[int, int, int, int]]:
+        """(b0, b1, s0, s1) ranges of a decode step: micro-batches when pipelining, else the whole batch."""
+        if self.pipelines_decode(batch):
+            return [(b0, b1, 0, 1) for b0, b1 in _split(batch, self.num_streams)]
+        return [(0, batch, 0, 1)]
+
+    def prefill_chunks(self, batch: int, prompt_len: int) -> list[tuple[int, int, int, int]]:
+        """Prefill ranges when pipelining: micro-batches for batch >= 2, sequence chunks (ISO style)
+        for batch 1; else the whole prompt."""
+        if not self.pipelines_prefill(batch, prompt_len):
+            return [(0, batch, 0, prompt_len)]
+        if batch >= 2:
+            return [(b0, b1, 0, prompt_len) for b0, b1 in _split(batch, self.num_streams)]
+        return [(0, 1, s0, s1) for s0, s1 in _split(prompt_len, self.num_streams)]
+
+    def applied(self, batch: int, prompt_len: int) -> list[str]:
+        """What of the mode runs for this shape (recorded with each result): `pipeline` for decode
+        micro-batches, `pipeline-prefill` for prefill chunks, and the mode's other parts."""
+        parts = set(MODE_PARTS[self.mode]) - {"pipeline"}
+        if self.pipelines_decode(batch):
+            parts.add("pipeline")
+        if self.pipelines_prefill(batch, prompt_len):
+            parts.add("pipeline-prefill")
+        return sorted(parts)
+
+    def not_applicable(self, batch: int, prompt_len: int | None = None) -> str | None:
+        """Why the mode does nothing at all for this shape (None: some part of it runs). Only
+        `pipeline` alone can do nothing; a mode that does nothing is skipped, not run as `none`."""
+        if self.mode != "pipeline" or self.pipelines_decode(batch):
+            return None
+        if prompt_len is not None and self.pipelines_prefill(batch, prompt_len):
+            return None
+        shape = f"batch {batch}" + (f" x {prompt_len} prompt tokens" if prompt_len is not None else "")
+        return (f"pipeline does not apply at {shape}: it splits decode from batch {max(2, self.min_batch)} "
+                f"and prefill from {self.min_tokens} tokens (--llm-pipeline-min-batch, "
+                f"--llm-pipeline-min-tokens), below which micro-batching costs more than it hides")

@@ -299,6 +299,9 @@ class ProcessGroupAllReduce:
         return part
 
 
+from overlap.ce_allreduce import CopyEngineAllReduce  # noqa: E402 - the engine's own
+
+
 class NoAllReduce:
     """The comm-free twin: the partial sum stands in for the reduced one (wrong numbers, same compute)."""
 
@@ -307,64 +310,6 @@ class NoAllReduce:
 
     def __call__(self, part, slot: int):
         return part
-
-
-class CopyEngineAllReduce:
-    """All-reduce of [n, hidden] rows through symmetric memory with the data moved by cudaMemcpy from the
-    peers' buffers (copy engines) instead of by SM kernels, so it takes (almost) no SMs from a GEMM that
-    runs beside it (PyTorch's "low-contention collectives" note, torch/distributed/_symmetric_memory):
-    the GEMM writes its partial straight into this rank's slot; barrier; pull each peer's partial of this
-    rank's rows and add (one small kernel); barrier; pull each peer's reduced rows; barrier (no peer still
-    reads the slot when the next GEMM overwrites it). One slot per pipeline chunk."""
-
-    def __init__(self, rank: int, world: int, slots: int, max_rows: int, hidden: int, buf, hdl):
-        """`buf`: this rank's buffer of slots x max_rows x hidden elements; `hdl`: its handle
-        (get_buffer(peer, sizes, dtype, storage_offset) and barrier(channel))."""
-        self.rank, self.world, self.hidden, self.dtype = rank, world, hidden, buf.dtype
-        self.slot_elems = max_rows * hidden
-        self.slots = slots
-        if buf.numel() < slots * self.slot_elems:
-            raise ValueError(f"buffer of {buf.numel()} elements < {slots} slots x {self.slot_elems}")
-        self.buf, self.hdl = buf, hdl
-        self.tmp = torch.empty(((world - 1) * (max_rows // world), hidden), dtype=buf.dtype, device=buf.device)
-
-    @classmethod
-    def symmetric(cls, group_name: str, rank: int, world: int, slots: int, max_rows: int, hidden: int,
-                  dtype, device) -> CopyEngineAllReduce:
-        """On GPUs: the buffer from symmetric memory, rendezvoused over `group_name` (collective)."""
-        import torch.distributed._symmetric_memory as symm_mem
-
-        buf = symm_mem.empty(slots * max_rows * hidden, dtype=dtype, device=device)
-        return cls(rank, world, slots, max_rows, hidden, buf, symm_mem.rendezvous(buf, group_name))
-
-    def dest(self, slot: int, n: int):
-        if not 0 <= slot < self.slots or n * self.hidden > self.slot_elems:
-            raise ValueError(f"slot {slot} / {n} rows outside the buffer ({self.slots} x {self.slot_elems})")
-        off = slot * self.slot_elems
-        return self.buf[off:off + n * self.hidden].view(n, self.hidden)
-
-    def __call__(self, part, slot: int):
-        n, H, W, r = part.shape[0], self.hidden, self.world, self.rank
-        if n % W:
-            raise ValueError(f"{n} rows do not split over {W} ranks")
-        c = n // W
-        mine = self.dest(slot, n)
-        if part.data_ptr() != mine.data_ptr():
-            mine.copy_(part)
-        off = slot * self.slot_elems
-        peers = [p for p in range(W) if p != r]
-        remote = {p: self.hdl.get_buffer(p, (n, H), self.dtype, off) for p in peers}
-        self.hdl.barrier(channel=0)
-        acc = mine[r * c:(r + 1) * c]
-        for j, p in enumerate(peers):
-            t = self.tmp[j * c:(j + 1) * c]
-            t.copy_(remote[p][r * c:(r + 1) * c])
-            acc.add_(t)
-        self.hdl.barrier(channel=0)
-        for p in peers:
-            mine[p * c:(p + 1) * c].copy_(remote[p][p * c:(p + 1) * c])
-        self.hdl.barrier(channel=0)
-        return mine
 
 
 # ------------------------------------------------------------------------------------------------------

@@ -60,9 +60,9 @@ def test_skips_say_why(tmp_path):
 
 def test_pipeline_at_batch_1_skips_with_reason(tmp_path):
     r = run_pytest(ROOT / "benchmarks", "-k", "pipeline", "--llm-batch-sizes", "1", *SMALL, "-rs",
-                   "--llm-results-dir", tmp_path)
+                   "--llm-pipeline-min-tokens", "1000", "--llm-results-dir", tmp_path)
     assert r.returncode == 0, r.stdout[-2000:]
-    assert "decode needs batch >= 2" in r.stdout
+    assert "pipeline does not apply at batch 1 x 4 prompt tokens" in r.stdout
 
 
 CRASHING = '''

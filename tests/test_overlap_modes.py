@@ -9,7 +9,7 @@ from overlap.config import EngineConfig
 from overlap.engine import TPEngine
 from llm_bench.engine import random_prompts
 from llm_bench.engine import ModeNotApplicable
-from overlap.streams import MODES, StreamManager, check_applicable
+from overlap.streams import MODES, Schedule, StreamManager
 from tests.helpers import proc_stat
 
 BATCHES = (1, 2, 7, 16)
@@ -27,10 +27,6 @@ def reference(engine_factory):
 def test_mode_gives_the_tokens_of_none(engine_factory, reference, mode):
     eng = engine_factory(tp=2, overlap=mode, batch_sizes=BATCHES, max_seq=24)
     for b in BATCHES:
-        if check_applicable(mode, b):
-            with pytest.raises(ModeNotApplicable, match="needs batch >= 2"):
-                eng.generate(random_prompts(b, 10, 512, b), 12)
-            continue
         g = eng.generate(random_prompts(b, 10, 512, b), 12)
         assert g.tokens == reference[b], f"{mode} batch {b}"
     assert eng.describe()["streams_created"] == 0  # CPU: no streams at all
@@ -39,14 +35,26 @@ def test_mode_gives_the_tokens_of_none(engine_factory, reference, mode):
 
 def test_full_at_batch_1_says_what_it_applies(engine_factory):
     eng = engine_factory(tp=2, overlap="full", batch_sizes=(1,), max_seq=16)
-    assert eng.generate([[1, 2, 3]], 4).info["overlap_applied"] == "double_buffer,prefetch"
+    assert eng.generate([[1, 2, 3]], 4).info["overlap_applied"] == "double_buffer,pipeline-prefill,prefetch"
+    eng = engine_factory(tp=2, overlap="full", batch_sizes=(4,), max_seq=16, pipeline_min_batch=8,
+                         pipeline_min_tokens=13)
+    assert eng.generate([[1, 2, 3]] * 4, 4).info["overlap_applied"] == "double_buffer,prefetch"  # 12 tokens
+    assert eng.generate([[1, 2, 3, 4]] * 4, 4).info["overlap_applied"] == "double_buffer,pipeline-prefill,prefetch"
+
+
+def test_pipeline_where_it_does_not_pay_is_refused_with_the_thresholds(engine_factory):
+    eng = engine_factory(tp=2, overlap="pipeline", batch_sizes=(4,), max_seq=16, pipeline_min_batch=8,
+                         pipeline_min_tokens=100)
+    with pytest.raises(ModeNotApplicable, match="--llm-pipeline-min-batch"):
+        eng.generate([[1, 2, 3]] * 4, 4)
 
 
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="unknown overlap mode"):
         StreamManager.__init__(object.__new__(StreamManager), device=__import__("torch").device("cpu"),
                                mode="turbo")
-    assert "unknown" in check_applicable("turbo", 4)
+    with pytest.raises(ValueError, match="unknown overlap mode"):
+        Schedule("turbo")
 
 
 def test_batch_larger_than_engine_is_refused(engine_factory):
