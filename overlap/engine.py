@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import time
 
@@ -128,6 +127,25 @@ class TPEngine:
     def logits(self, prompts: list[list[int]]):
         self.procs.send(("logits", self._prompts(prompts)))
         return self.procs.collect("logits", self.config.engine_timeout)[0][1]
+
+    def step_logits(self, prompts: list[list[int]], forced: list[list[int]]):
+        """float32 logits [k + 1, batch, vocab] of the prompts' last position and of k decode steps that
+        read `forced` (k tokens per prompt), through this engine's overlap schedule and CUDA graphs
+        (Runner.step_logits): what the overlap modes are compared on. Refused like `generate` of
+        k + 1 tokens would be, and when `forced` does not give k tokens for every prompt."""
+        if not isinstance(forced, (list, tuple)) or len(forced) != len(prompts):
+            raise ConfigError(f"forced tokens: one row per prompt ({len(prompts)}), got "
+                              f"{len(forced) if isinstance(forced, (list, tuple)) else type(forced).__name__}")
+        if len({len(f) for f in forced}) > 1:
+            raise ConfigError("forced tokens: every row needs the same number of tokens")
+        if not all(len(p) for p in prompts):
+            raise ConfigError("a prompt needs at least one token")
+        k = len(forced[0]) if forced else 0
+        # Checked as the prompts they extend (lengths, the vocabulary, the KV cache, the mode).
+        rows = self._prompts([list(p) + list(f) for p, f in zip(prompts, forced)], 1)
+        p = len(rows[0]) - k
+        self.procs.send(("step_logits", [r[:p] for r in rows], [r[p:] for r in rows]))
+        return self.procs.collect("step logits", self.config.engine_timeout)[0][1]
 
     def collective(self, nbytes: int, iters: int = 50, use_graph: bool = True) -> dict:
         self.procs.send(("collective", int(nbytes), int(iters), bool(use_graph)))

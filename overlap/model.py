@@ -407,6 +407,14 @@ class TPLlama:
 
     def forward_next(self, tokens: torch.Tensor, pos: torch.Tensor, chunks) -> torch.Tensor:
         """Greedy next token per sequence after `tokens` at positions `pos` (prefill or decode)."""
+        val, idx = self.fns.greedy(self.head_local(tokens, pos, chunks))
+        offset = self.rank * self.vocab_local
+        return self.comm.argmax(val, idx + offset if offset else idx)
+
+    def head_local(self, tokens: torch.Tensor, pos: torch.Tensor, chunks) -> torch.Tensor:
+        """This rank's vocabulary shard of the logits at each sequence's last position [B, V / TP],
+        through the overlap schedule of `chunks`: what `forward_next` samples from, and what the
+        overlap modes' logits check (Runner.step_logits) gathers."""
         outs = self.hidden(tokens, pos, chunks)
         # The last position of each batch range: with sequence chunks only the last chunk has it.
         lasts = {}
@@ -414,9 +422,7 @@ class TPLlama:
             if s1 == tokens.shape[1]:
                 lasts[b0] = self._final(x[:, -1], None if d is None else d[:, -1], None if h is None else h[:, -1])
         h = torch.cat([lasts[k] for k in sorted(lasts)], dim=0) if len(lasts) > 1 else next(iter(lasts.values()))
-        val, idx = self.fns.greedy(self.fns.matvec(h, self.lm_head))
-        offset = self.rank * self.vocab_local
-        return self.comm.argmax(val, idx + offset if offset else idx)
+        return self.fns.matvec(h, self.lm_head)
 
     def full_logits(self, tokens: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         """All-position, all-vocab logits (correctness tests)."""

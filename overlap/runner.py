@@ -42,6 +42,8 @@ class Runner:
                              seed=c.seed, dtype=dtype, compile=c.compile, decode_attention=c.decode_attention,
                              gemv=c.gemv, tuning=Tuning(c.pdl, c.attention_block_t, c.attention_warps))
         self.cuda = device.type == "cuda"
+        if self.cuda and dtype == torch.float32:  # float32 means IEEE fp32: the logits checks compare in it
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         self.use_graphs = self.cuda and c.cuda_graphs
         self.graphs: dict = {}
         self.bufs: dict = {}
@@ -283,6 +285,63 @@ class Runner:
         p = tokens.shape[1]
         full = self.model.full_logits(tokens, torch.arange(p, device=self.device))
         return full.float().cpu().numpy() if self.rank == 0 else None
+
+    def _logits_steps(self, b: int, p: int):
+        """The prefill of a (b, p) batch and a decode step of batch b that keep this rank's shard of the
+        LM-head logits [b, V / TP] in a static buffer (graphs where they are on). They are
+        `_prefill` and `_step_body` with the head's output kept instead of sampled: the same chunks,
+        streams and events. The decode step reads `buffers(b)`' token buffer 0 and `pos`, which the
+        caller fills, and leaves `pos` as it was. Built before any prefill runs: the capture's warm-ups
+        write the KV cache."""
+        key = ("logits", b, p)
+        if key not in self.graphs:
+            m, buf = self.model, self.buffers(b)
+            tok = torch.zeros(b, p, dtype=torch.long, device=self.device)
+            pos = torch.arange(p, device=self.device)
+            shards = [torch.zeros(b, m.vocab_local, dtype=m.dtype, device=self.device) for _ in range(2)]
+            pre_chunks = self.schedule.prefill_chunks(b, p)
+            dec_chunks = self.schedule.decode_chunks(b)
+
+            def prefill():
+                shards[0].copy_(m.head_local(tok, pos, pre_chunks))
+
+            def step():
+                shards[1].copy_(m.head_local(buf["tok"][0].view(b, 1), buf["pos"], dec_chunks))
+            buf["pos"].zero_()  # the warm-ups run at this position: inside the cache
+            runs = self.capture([prefill, step])
+            self.graphs[key] = (tok, shards, runs, pos)  # `pos` lives as long as the graph (see _prefill)
+        return self.graphs[key]
+
+    @torch.inference_mode()
+    def step_logits(self, prompts: list[list[int]], forced: list[list[int]]):
+        """Full-vocabulary logits (float32, rank 0; None on other ranks) [k + 1, b, V]: row 0 at the
+        prompts' last position, row i after decode step i, which reads token forced[:, i - 1] at
+        position p + i - 1: teacher-forced, so every mode is compared on the same inputs. Prefill and
+        decode run through this engine's overlap schedule and graphs; inputs come in through the
+        stream manager's copy path, as in `generate`. The gather over the vocabulary shards runs after
+        each graph, outside it: the graphs are the sampled path's work up to the LM head."""
+        b, p, k = len(prompts), len(prompts[0]), len(forced[0])
+        tok, shards, (prefill, step), _ = self._logits_steps(b, p)
+        buf = self.buffers(b)
+        rows = []
+
+        def keep(shard):  # on every rank: the gather is a collective
+            full = self.comm.gather_logits(shard)
+            rows.append(full.float().cpu() if self.rank == 0 else None)
+            if self.cuda:  # the host rewrites the step's pinned inputs next: their copy must be done
+                torch.cuda.current_stream(self.device).synchronize()
+        tok.copy_(torch.tensor(prompts, dtype=torch.long))
+        prefill()
+        keep(shards[0])
+        host = torch.tensor(forced, dtype=torch.long)
+        for i in range(k):
+            buf["host_pos"][0] = p + i
+            buf["host_tok"][0].copy_(host[:, i])
+            self.sm.copy_in(buf["pos"], buf["host_pos"])
+            self.sm.copy_in(buf["tok"][0], buf["host_tok"][0])
+            step()
+            keep(shards[1])
+        return torch.stack(rows).numpy() if self.rank == 0 else None
 
     @torch.inference_mode()
     def collective_bench(self, nbytes: int, iters: int, use_graph: bool) -> dict | None:

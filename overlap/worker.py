@@ -40,6 +40,8 @@ def rank_main() -> None:
                 conn.send(("ok", runner.profiled_generate(*msg[1:])))
             elif cmd == "logits":
                 conn.send(("ok", runner.logits(*msg[1:])))
+            elif cmd == "step_logits":
+                conn.send(("ok", runner.step_logits(*msg[1:])))
             elif cmd == "collective":
                 conn.send(("ok", runner.collective_bench(*msg[1:])))
             elif cmd == "crash":  # for tests of crash handling: die like a segfaulting rank would

@@ -25,7 +25,11 @@ for stage in "$@"; do
         timeout 120 $PY -m overlap.generate --model llama3-1b --tp 2 --device cuda --batch-size 4 \
           --prompt-len 32 --max-tokens 16 --allreduce $ar | cut -c1-300
       done
-      $PY -m pytest tests -m gpu -q -rs -p no:cacheprovider ;;
+      # every overlap mode computes none's fp32 logits (2 GPUs), then the same test with a stream wait
+      # removed from the pipeline schedule must fail (scripts/planted/run.sh: exit 0 = it failed)
+      $PY -m pytest tests/test_gpu_overlap.py -m gpu -q -rs -s -p no:cacheprovider | tee $OUT/gpu-overlap.txt
+      scripts/planted/run.sh | tee $OUT/planted-missing-wait.txt; echo "planted run exit ${PIPESTATUS[0]}"
+      $PY -m pytest tests -m gpu -q -rs -p no:cacheprovider --ignore=tests/test_gpu_overlap.py ;;
     baseline) $B -m baseline --llm-model llama3-8b --llm-batch-sizes 1 16 --benchmark-json $OUT/baseline-8b.json ;;
     compile)  # the same baseline eager (no torch.compile, SDPA attention), then both side by side
       $B -m baseline --llm-model llama3-8b --llm-batch-sizes 1 16 --llm-no-compile --llm-decode-attention sdpa \
