@@ -90,3 +90,23 @@ def test_comm_free_rounds_leave_later_generations_unchanged(allreduce):
         first = eng.generate(prompts, 16).tokens
         eng.generate(prompts, 16, comm_free=True)
         assert eng.generate(prompts, 16).tokens == first
+
+
+def test_pipelined_prefill_through_copy_engines_gives_the_logits_of_none():
+    """Pipelined prefill chunks large enough for the copy-engine all-reduce (llama3-1b shapes, fp32,
+    2 chunks of 520 tokens = 4.3 MB each) compute `none`'s logits: prefill and two teacher-forced
+    decode steps, within 1e-3 of the largest logit (rounding of other GEMM shapes is ~1e-6 there)."""
+    import numpy as np
+
+    prompts = random_prompts(2, 520, 128256, 3)
+    forced = [[11, 12], [13, 14]]
+    out = {}
+    for mode in ("none", "pipeline"):
+        with TPEngine(EngineConfig(model="llama3-1b", tp=2, device="cuda", overlap=mode, batch_sizes=(2,),
+                                   max_seq=530, dtype="float32", compile=False, engine_timeout=300,
+                                   pipeline_min_batch=2, pipeline_min_tokens=1)) as eng:
+            if mode == "pipeline":
+                assert eng.describe()["prefill_chunk_allreduce"] == "copy-engine", eng.describe()["ce_error"]
+            out[mode] = eng.step_logits(prompts, forced)
+    err = np.abs(out["pipeline"] - out["none"]).max() / np.abs(out["none"]).max()
+    assert err <= 1e-3, err
