@@ -1,7 +1,8 @@
 """Every metric the suite stores, defined once, for the pytest plugin and the CLI alike.
 
 Per benchmark, from per-token timestamps (definitions follow vLLM's benchmarks/serve.py):
-- TTFT: submit to first token on the host.   - ITL: every gap between consecutive tokens, pooled.
+- TTFT: submit to first token on the host.   - ITL: every gap between consecutive tokens (between
+  streamed chunks where one chunk may carry several tokens, as vLLM's), pooled.
 - TPOT: (E2E - TTFT) / (n_out - 1) per request (undefined for 1-token outputs: left out).
 - E2E: submit to last token.                   - tok/s: output tokens over E2E (batch aggregate).
 - MBU: bytes one decode step must read per GPU / TPOT / copy bandwidth measured on the card.
@@ -23,8 +24,10 @@ class MeasurementError(AssertionError):
     """A number that cannot be true (e.g. bandwidth use above the measured peak): the measurement is broken."""
 
 
-def request_timings(submit_ns: int, token_ns: list[int]) -> dict:
-    """One request: TTFT, ITLs, TPOT and E2E in milliseconds."""
+def request_timings(submit_ns: int, token_ns: list[int], n_out: int | None = None) -> dict:
+    """One request: TTFT, ITLs, TPOT and E2E in milliseconds. `token_ns`: when each token reached the
+    host; or, where a streamed chunk may carry several tokens (`n_out` tokens in fewer chunks), when
+    each chunk did: then ITL is per chunk, as in vLLM's benchmark, and TPOT counts the `n_out` tokens."""
     if not token_ns:
         raise MeasurementError("a request produced no tokens")
     t = np.asarray(token_ns, dtype=np.int64)
@@ -32,7 +35,9 @@ def request_timings(submit_ns: int, token_ns: list[int]) -> dict:
         raise MeasurementError("token timestamps go backwards: clocks are mixed up")
     ttft = (t[0] - submit_ns) / 1e6
     e2e = (t[-1] - submit_ns) / 1e6
-    n = len(t)
+    n = len(t) if n_out is None else n_out
+    if n < len(t):
+        raise MeasurementError(f"{len(t)} arrivals for {n} tokens: an arrival without a token")
     return {"ttft_ms": ttft, "e2e_ms": e2e, "itl_ms": (np.diff(t) / 1e6).tolist(), "n_out": n,
             "tpot_ms": (e2e - ttft) / (n - 1) if n > 1 else None}
 

@@ -4,9 +4,10 @@ engine process both run here.
 Each is started as `python -m MODULE index count address` (a fresh interpreter: no CUDA state is
 inherited and the caller's main module is not re-imported), connects back over an authenticated
 socket (the child's side is `connect` below), and dies with its parent (PR_SET_PDEATHSIG).
-A process that crashes (seen at once through a Linux pidfd) or hangs (no reply within the timeout)
-is reported with its exit status and the tail of its log, and every process is reaped: none survives
-`close()`, an exception, or Ctrl-C.
+Each leads its own session, so whatever it starts (MLC's TP workers, started by TVM with no death
+signal of their own) is found by session id and ended with it. A process that crashes (seen at once
+through a Linux pidfd) or hangs (no reply within the timeout) is reported with its exit status and
+the tail of its log, and every process is reaped: none survives `close()`, an exception, or Ctrl-C.
 """
 from __future__ import annotations
 
@@ -106,7 +107,8 @@ class EngineProcesses:
                 log = open(self.log(r), "w")
                 self.procs.append(subprocess.Popen(
                     [sys.executable, "-m", self.module, str(r), str(self.count), f"{lst.address[0]}:{lst.address[1]}"],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env))
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
+                    start_new_session=True))
                 log.close()
             conns: dict[int, object] = {}
             lst._listener._socket.settimeout(1.0)  # so dead children and the deadline are checked
@@ -219,7 +221,10 @@ class EngineProcesses:
     def _fail(self, why: str, which: list[int], kind: str = "error", tb: str | None = None):
         logs = "\n".join(f"  {self.name} {r} log ({self.log(r)}):\n{self._log_tail(r)}" for r in which)
         self.dead = why
-        self.close()
+        try:
+            self.close()
+        except EngineError as e:  # a process that outlived SIGKILL: said beside the cause
+            why = f"{why}; then {e}"
         where = ""
         if tb:  # the process's own traceback, last frames: where it failed
             frames = [ln for ln in tb.splitlines() if ln.startswith("  File ")][-4:]
@@ -234,7 +239,8 @@ class EngineProcesses:
         raise EngineError(msg)
 
     def close(self) -> None:
-        """Stop every process: ask, wait briefly, then SIGTERM and SIGKILL. Safe to call twice."""
+        """Stop every process: ask, wait briefly, then SIGTERM and SIGKILL; then end what each one
+        started (its session), and raise if anything outlives SIGKILL. Safe to call twice."""
         for conn in self.conns:
             try:
                 conn.send(("stop",))
@@ -251,6 +257,7 @@ class EngineProcesses:
                 except subprocess.TimeoutExpired:
                     p.kill()
                     p.wait(timeout=10)
+        left = [pid for p in self.procs for pid in end_session(p.pid, grace=0 if self.dead else 2.0)]
         for fd in self._sentinels:
             if fd is not None:
                 os.close(fd)
@@ -263,6 +270,67 @@ class EngineProcesses:
         if self.dead == "closed":  # a clean close: the logs hold nothing anyone needs
             shutil.rmtree(self.logdir, ignore_errors=True)
         _LIVE.discard(self)
+        if left:
+            raise EngineError(f"processes {left} started by the {self.name}(s) still run after SIGKILL "
+                              "(stuck in the kernel or driver?): the next engine may find their GPUs busy")
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat after the command name (state ppid pgrp session ...); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+
+
+def session_members(sid: int) -> list[int]:
+    """Live processes (zombies excluded) in session `sid` (Linux /proc; [] elsewhere)."""
+    try:
+        pids = [int(e) for e in os.listdir("/proc") if e.isdigit()]
+    except OSError:
+        return []
+    return [pid for pid in pids if (st := _stat(pid)) is not None and st[0] != "Z" and int(st[3]) == sid]
+
+
+def end_session(sid: int, grace: float) -> list[int]:
+    """End session `sid`: what an engine process that led it started (e.g. TVM's TP workers, which
+    exit when their pipe from it closes) gets `grace` seconds to exit, then SIGKILL. Returns what
+    still runs. Signals go through pidfds opened and then checked to be in the session, so a pid
+    reused by another process in between is never hit."""
+    def wait_exit(fds, timeout: float) -> None:
+        deadline, fds = time.monotonic() + timeout, list(fds)
+        while fds and time.monotonic() < deadline:
+            done = wait(fds, timeout=max(0.0, deadline - time.monotonic()))  # a pidfd reads when it exits
+            fds = [fd for fd in fds if fd not in done]
+
+    for attempt in range(3):  # again for anything a dying member started meanwhile
+        fds = []
+        for pid in session_members(sid):
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:
+                continue
+            st = _stat(pid)
+            if st is not None and int(st[3]) == sid:
+                fds.append(fd)
+            else:
+                os.close(fd)
+        if not fds:
+            break
+        try:
+            if attempt == 0 and grace > 0:
+                wait_exit(fds, grace)
+            for fd in fds:
+                try:
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass  # it exited
+            wait_exit(fds, 10.0)
+        finally:
+            for fd in fds:
+                os.close(fd)
+    return session_members(sid)
 
 
 # -- the child's side ----------------------------------------------------------------------------------

@@ -1,74 +1,27 @@
-"""A test double of MLC-LLM's in-process Python API: only what fixtures/mlc_engine.py calls, shaped as
-../shared/reference/mlc-llm-api.md §1-§3 describes it. It runs no model: it lets the CPU tests drive
-the adapter's engine process, protocol, stream parsing and teardown, and it refuses requests that
-break the API contract the adapter relies on (token-id prompts, ignore_eos, usage in the stream).
+"""A test double of MLC-LLM's in-process Python API (mlc-ai/mlc-llm 79d603f0), for the CPU tests of
+llm_bench.mlc: the calls the adapter makes, with the behaviour of real MLC that decides what a
+benchmark measures, read from MLC's and TVM's source (the project's MLC research note, section 11):
 
-Knobs (environment, read when a request starts): FAKE_MLC_TOKENS_PER_CHUNK (default 1; MLC may pack
-several tokens into one chunk), FAKE_MLC_EXIT_AFTER_CHUNKS (the process exits mid-stream, as a crash)."""
-from __future__ import annotations
+- serve/engine.py: a scheduler with MLC's KV pages (16 tokens, ceil(capacity / 16) + 1 of them), its
+  prefill admission and decode preemption rules, hybrid prefill, one step per event-loop tick for all
+  running requests, a streamed chunk per step unless its text is empty, the finish chunk, the usage
+  chunk with every `usage.extra` key (the conditional ones too), the engine-side times, a trace.
+- The compiled library is a small JSON file of the metadata real MLC compiles into its .so;
+  `cli/model_metadata._extract_metadata` reads it; TP comes from it, not from EngineConfig, and the
+  resolved engine config does not echo it; a missing library is a FileNotFoundError.
+- At TP > 1, tp - 1 worker processes (cli/worker.py) started as TVM's disco process pool starts them:
+  plain Popen, no parent-death signal, exiting when their pipe from the engine closes.
 
-import json
-import os
-import time
-from types import SimpleNamespace
+It runs no model (no tokens are computed); its timings are those of its own Python steps.
+Knobs (environment of the engine process, read when an engine is built):
+  FAKE_MLC_EMPTY_TEXT_SHARE  share of steps whose text delta is empty and so not sent (default 0.3)
+  FAKE_MLC_SEED              seed of which steps those are (default 0)
+  FAKE_MLC_KV_PAGES          the KV cache's page count instead of MLC's (to provoke preemption)
+  FAKE_MLC_STALL_AT_STEP     the engine stops stepping at this step, as one stuck in a collective
+  FAKE_MLC_EXIT_AT_STEP      the engine process exits (code 3) at this step, as a crash
+  FAKE_MLC_WORKER_HANGS=1    TP workers never read their pipe and ignore SIGTERM (stuck in NCCL)
+"""
+from .libinfo import __version__
+from .serve import AsyncMLCEngine
 
-__version__ = "0.0.0+fake"
-
-
-class _Completions:
-    def __init__(self, engine):
-        self.engine = engine
-
-    async def create(self, *, prompt, max_tokens, stream=False, stream_options=None, extra_body=None,
-                     temperature=None, **_):
-        if not (isinstance(prompt, list) and all(isinstance(t, int) for t in prompt)):
-            raise TypeError("the fake expects a token-id prompt")
-        if not stream or (stream_options or {}).get("include_usage") is not True:
-            raise ValueError("the fake expects stream=True with include_usage")
-        if (extra_body or {}).get("debug_config", {}).get("ignore_eos") is not True:
-            raise ValueError("without ignore_eos the output length is not fixed")
-        return self._stream(len(prompt), max_tokens)
-
-    async def _stream(self, prompt_len: int, n: int):
-        per = int(os.environ.get("FAKE_MLC_TOKENS_PER_CHUNK", "1"))
-        exit_after = int(os.environ.get("FAKE_MLC_EXIT_AFTER_CHUNKS", "0"))
-        added = time.perf_counter()
-        sent, chunks, first = 0, 0, None
-        while sent < n:
-            k = min(per, n - sent)
-            sent += k
-            chunks += 1
-            first = first or time.perf_counter()
-            self.engine.events.append({"name": f"decode ({chunks})", "ph": "i", "ts": time.time() * 1e6,
-                                       "pid": 1, "tid": 0})
-            if exit_after and chunks > exit_after:
-                os._exit(3)
-            yield SimpleNamespace(choices=[SimpleNamespace(index=0, text="x" * k, finish_reason=None)],
-                                  usage=None)
-        done = time.perf_counter()
-        extra = {"prompt_tokens": prompt_len, "completion_tokens": n, "ttft_s": first - added,
-                 "end_to_end_latency_s": done - added}
-        if n > 1 and done > first:
-            extra["decode_tokens_per_s"] = (n - 1) / (done - first)
-        yield SimpleNamespace(choices=[], usage=SimpleNamespace(prompt_tokens=prompt_len, completion_tokens=n,
-                                                                total_tokens=prompt_len + n, extra=extra))
-
-
-class AsyncMLCEngine:
-    def __init__(self, model, device="auto", *, model_lib=None, mode="local", engine_config=None,
-                 enable_tracing=False):
-        from .serve import EngineConfig
-
-        if mode != "server" or not str(device).startswith("cuda:"):
-            raise ValueError(f"the fake expects mode='server' and a cuda device, got {mode!r}, {device!r}")
-        cfg = engine_config or EngineConfig()
-        if cfg.prefix_cache_mode != "disable":
-            raise ValueError("prefix cache must be off for benchmarks")
-        self.engine_config = EngineConfig(**{**vars(cfg), "model": model, "model_lib": model_lib, "mode": mode})
-        self.completions = _Completions(self)
-        self.events: list[dict] = []
-        recorder = SimpleNamespace(dump_json=lambda: json.dumps(self.events)) if enable_tracing else None
-        self.state = SimpleNamespace(trace_recorder=recorder)
-
-    def terminate(self) -> None:
-        self.completions = None
+__all__ = ["AsyncMLCEngine", "__version__"]
