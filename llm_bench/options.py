@@ -187,7 +187,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("num_streams", "builtin pipeline/full: micro-batches (decode) or chunks (prefill)", type=int, min=2,
            max=64, default=2, engine=True, alias=True),
     Option("prefetch_mb", "builtin prefetch/full: MB of the next weight pulled into L2 per all-reduce "
-           "(default: half of L2)", type=float, min=0, engine=True),
+           "(default: half of L2; 1 MiB on CPU, where the read runs in line)", type=float, min=0, engine=True),
     Option("cuda_graphs", "builtin: decode steps and prefill as CUDA graphs", type="bool?", engine=True),
     Option("compile", "builtin: torch.compile the blocks (default: on for cuda, off for cpu)", type="bool?",
            engine=True),
