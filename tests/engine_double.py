@@ -46,6 +46,7 @@ class EngineDouble:
         self.weights = self.w_in + self.w_out + [self.head]
         self.copy_bw = copy_bw if copy_bw is not None else self._read_bw()
         self.reused = copy_bw is not None
+        self.timestamp_ns = self._stamp_cost()
         self.dead = None
         self._log({"describe": self.describe()})
 
@@ -61,6 +62,14 @@ class EngineDouble:
             best = dt if best is None else min(best, dt)
         return nbytes / (best / 1e9)
 
+    @staticmethod
+    def _stamp_cost() -> float:
+        """What one token's timestamp costs (ns): the mean of 10000 clock reads."""
+        t0 = now()
+        for _ in range(10000):
+            now()
+        return (now() - t0) / 10000
+
     def _log(self, entry: dict) -> None:
         entry["test"] = os.environ.get("PYTEST_CURRENT_TEST", "").rsplit(" ", 1)[0]
         with open(self.log_path, "a") as f:
@@ -70,7 +79,7 @@ class EngineDouble:
         return {"engine": self.name, "tp": self.tp, "overlap": self.overlap, "dtype": "float32",
                 "vocab_size": VOCAB, "weight_bytes_per_step": sum(w.nbytes for w in self.weights),
                 "kv_bytes_per_token": 2 * DIM * 4, "copy_bw_bytes_per_s": [self.copy_bw] * self.tp,
-                "copy_bw_reused": self.reused}
+                "copy_bw_reused": self.reused, "timestamp_ns": self.timestamp_ns}
 
     def check(self, batch: int, prompt_len: int, max_tokens: int) -> None:
         if min(batch, prompt_len, max_tokens) < 1:

@@ -3,7 +3,7 @@ pytest subprocess with the engine double (tests/engine_double.py) in place of th
 every column of "What it measures" is recomputed here from the timestamps the double logged, by the
 README's definitions written out again (not through llm_bench.metrics): TTFT from submit on the host,
 ITL pooled, TPOT, E2E, tok/s, MBU and its refusal above 1, speedup and scaling efficiency, overlap gain,
-communication and hidden shares, and where a reused copy bandwidth came from. Also: prefetch on CPU
+communication and hidden shares, what the harness costs, and where a reused copy bandwidth came from. Also: prefetch on CPU
 reads the next weight in program order (so a prefetch that wrote it would change the tokens)."""
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ approx = lambda x: pytest.approx(x, rel=1e-9, abs=1e-12)  # noqa: E731 - same in
 
 
 def _session(tmp, name: str, tests: list[str], *args, copy_bw: float | None = None):
-    """One pytest session of the real benchmarks with the double: (process, stored rows by name,
-    the double's log: {"describe": [...], test name: [generations]})."""
+    """One pytest session of the real benchmarks with the double: (process, stored rows by name with
+    pytest-benchmark's stats under "stats", the double's log: {"describe": [...], test: [generations]})."""
     log = tmp / f"{name}.jsonl"
     (tmp / f"{name}_plugin.py").write_text(
         f"from tests.engine_double import use_double\nuse_double({str(log)!r}, {copy_bw!r})\n")
@@ -39,7 +39,8 @@ def _session(tmp, name: str, tests: list[str], *args, copy_bw: float | None = No
                    f"--benchmark-json={tmp / f'{name}.json'}", cwd=tmp)
     rows = {}
     if (tmp / f"{name}.json").exists():
-        rows = {b["name"]: b["extra_info"] for b in json.loads((tmp / f"{name}.json").read_text())["benchmarks"]}
+        rows = {b["name"]: dict(b["extra_info"], stats=b["stats"])
+                for b in json.loads((tmp / f"{name}.json").read_text())["benchmarks"]}
     gens = defaultdict(list)
     for line in log.read_text().splitlines() if log.exists() else []:
         x = json.loads(line)
@@ -98,8 +99,12 @@ def _check(stored: dict, expected: dict) -> None:
         assert stored[k] == (approx(v) if np.isscalar(v) else [approx(x) for x in v]), k
 
 
-def _describe(gens, tp: int) -> dict:
-    return next(d["describe"] for d in gens["describe"] if d["describe"]["tp"] == tp)
+def _describe(gens, name: str) -> dict:
+    """What the engine of benchmark `name` described (engines are built once per TP and mode)."""
+    tp, mode = int(re.search(r"tp(\d+)", name)[1]), name.split("[")[1].split("-")[0] if "overlap" in name else "none"
+    found = [d["describe"] for d in gens["describe"] if (d["describe"]["tp"], d["describe"]["overlap"]) == (tp, mode)]
+    assert len(found) == 1
+    return found[0]
 
 
 # -- per benchmark --------------------------------------------------------------------------------------
@@ -109,7 +114,24 @@ def test_latency_and_throughput_columns_follow_the_readme(run, name):
     """TTFT (submit to first token), ITL (pooled gaps), TPOT ((E2E - TTFT)/(n - 1)), E2E, tok/s (the
     batch's tokens over the round's E2E), per-round lists, over the timed rounds only."""
     rows, gens = run
-    _check(rows[name], _expected(_rounds(gens[name], False, WARMUP)))
+    rounds = _rounds(gens[name], False, WARMUP)
+    _check(rows[name], _expected(rounds))
+
+
+@pytest.mark.parametrize("name", ["test_tensor_parallel[tp1-bs2]", "test_overlap[prefetch-tp2-bs2]"])
+def test_what_the_harness_costs_and_the_rounds_pytest_benchmark_times(run, name):
+    """harness_pct_of_itl = one timestamp's cost / mean ITL; transport_ms_per_round = each round's wall
+    time minus submit-to-last-token, averaged; pytest-benchmark times exactly the rounds, each at least
+    as long as its generation."""
+    rows, gens = run
+    e = rows[name]
+    e2e = [max(q["e2e"] for q in rnd) for rnd in _rounds(gens[name], False, WARMUP)]
+    stamp = _describe(gens, name)["timestamp_ns"]
+    assert e["harness_ns_per_token"] == approx(stamp)
+    assert e["harness_pct_of_itl"] == approx(stamp / (e["itl_ms_mean"] * 1e6) * 100)
+    assert len(e["round_ms"]) == RUNS
+    assert e["transport_ms_per_round"] == approx(np.mean([r - x for r, x in zip(e["round_ms"], e2e)]))
+    assert e["stats"]["rounds"] == RUNS and e["stats"]["min"] * 1e3 >= min(e2e)
 
 
 def test_ttft_starts_at_submit_on_the_host_not_at_prefill(run):
@@ -128,8 +150,8 @@ def test_mbu_is_bytes_per_step_over_tpot_over_copy_bandwidth(run):
     """MBU = (weight shard + KV cache of the batch at the mean decode context) / TPOT p50 / the copy
     bandwidth the engine reported."""
     rows, gens = run
-    for name, tp in (("test_tensor_parallel[tp1-bs2]", 1), ("test_overlap[prefetch-tp2-bs2]", 2)):
-        d, e = _describe(gens, tp), rows[name]
+    for name in ("test_tensor_parallel[tp1-bs2]", "test_overlap[prefetch-tp2-bs2]"):
+        d, e = _describe(gens, name), rows[name]
         per_step = d["weight_bytes_per_step"] + d["kv_bytes_per_token"] * BATCH * (PROMPT + OUT / 2)
         bw = min(d["copy_bw_bytes_per_s"])
         assert e["bytes_per_step_gb"] == approx(per_step / 1e9)
@@ -141,11 +163,12 @@ def test_a_reused_copy_bandwidth_says_where_and_when_it_was_measured(run):
     """The first engine measures the bandwidth; later engines are handed it and say so, and their rows
     name the engine and the time it was measured."""
     rows, gens = run
-    first, later = _describe(gens, 1), _describe(gens, 2)
-    assert not first["copy_bw_reused"] and later["copy_bw_reused"]
-    assert later["copy_bw_bytes_per_s"][0] == first["copy_bw_bytes_per_s"][0]
+    first = _describe(gens, "test_tensor_parallel[tp1-bs2]")
+    assert not first["copy_bw_reused"]
     assert "copy_bw_source" not in rows["test_tensor_parallel[tp1-bs2]"]
     for name in ("test_tensor_parallel[tp2-bs2]", "test_overlap[none-tp2-bs2]", "test_overlap[prefetch-tp2-bs2]"):
+        later = _describe(gens, name)
+        assert later["copy_bw_reused"] and later["copy_bw_bytes_per_s"][0] == first["copy_bw_bytes_per_s"][0]
         assert re.fullmatch(r"measured by builtin:tiny:tp1:none at \d{4}-\d\d-\d\d \d\d:\d\d:\d\d",
                             rows[name]["copy_bw_source"]), rows[name].get("copy_bw_source")
         assert rows[name]["copy_bw_tbps"] == rows["test_tensor_parallel[tp1-bs2]"]["copy_bw_tbps"]
