@@ -107,7 +107,7 @@ class EngineDouble:
         for prompt in prompts:  # prefill, one request after another: each has its own first token
             k, v = np.zeros((n_ctx, DIM), np.float32), np.zeros((n_ctx, DIM), np.float32)
             for i, t in enumerate(prompt):
-                h, tok = self._token(self.embed[t], k, v, i, comm_free)
+                _, tok = self._token(self.embed[t], k, v, i, comm_free)
             state.append((k, v))
             tokens.append([tok])
             times.append([now()])

@@ -3,8 +3,9 @@ pytest subprocess with the engine double (tests/engine_double.py) in place of th
 every column of "What it measures" is recomputed here from the timestamps the double logged, by the
 README's definitions written out again (not through llm_bench.metrics): TTFT from submit on the host,
 ITL pooled, TPOT, E2E, tok/s, MBU and its refusal above 1, speedup and scaling efficiency, overlap gain,
-communication and hidden shares, what the harness costs, and where a reused copy bandwidth came from. Also: prefetch on CPU
-reads the next weight in program order (so a prefetch that wrote it would change the tokens)."""
+communication and hidden shares, what the harness costs, and where a reused copy bandwidth came from.
+Also: prefetch on CPU reads the next weight in program order (so a prefetch that wrote it would change
+the tokens)."""
 from __future__ import annotations
 
 import json
@@ -26,7 +27,11 @@ LENGTHS = ["--llm-prompt-len", PROMPT, "--llm-max-tokens", OUT, "--llm-num-runs"
 TP = str(ROOT / "benchmarks" / "test_tensor_parallel.py") + "::test_tensor_parallel"
 OVERLAP = str(ROOT / "benchmarks" / "test_overlap.py") + "::test_overlap"
 BASELINE = str(ROOT / "benchmarks" / "test_baseline.py")
-approx = lambda x: pytest.approx(x, rel=1e-9, abs=1e-12)  # noqa: E731 - same integers, same float math
+
+
+def approx(x):
+    """Equal up to float rounding: both sides compute from the same integer timestamps."""
+    return pytest.approx(x, rel=1e-9, abs=1e-12)
 
 
 def _session(tmp, name: str, tests: list[str], *args, copy_bw: float | None = None):
@@ -230,7 +235,8 @@ def test_an_impossible_mbu_fails_the_benchmark_and_is_not_stored(tmp_path):
     r, rows, gens = _session(tmp_path, "tinybw", [BASELINE], "--llm-tp-sizes", 1, "--llm-batch-sizes", 1,
                              copy_bw=1e3)
     assert r.returncode == 1, r.stdout[-3000:]
-    assert re.search(r"MeasurementError: bandwidth use \d+\.\d+ > 1\.0 of the measured peak", r.stdout), r.stdout[-3000:]
+    refused = r"MeasurementError: bandwidth use \d+\.\d+ > 1\.0 of the measured peak"
+    assert re.search(refused, r.stdout), r.stdout[-3000:]
     assert len([g for g in gens["test_baseline[bs1]"] if not g["comm_free"]]) == WARMUP + RUNS  # it did measure
     assert rows == {}
     live = tmp_path / "tinybw-res" / "runs.jsonl"
