@@ -194,7 +194,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("pipeline_min_tokens", "builtin pipeline/full: split prefill into chunks from this many prompt tokens "
            "(batch x prompt length)", type=int, min=1, max=1 << 30, default=ByDevice(1, 4096), engine=True),
     Option("prefetch_mb", "builtin prefetch/full: MB of the next weight pulled into L2 per all-reduce "
-           "(default: half of L2)", type=float, min=0, engine=True),
+           "(default: half of L2; 1 MiB on CPU, where the read runs in line)", type=float, min=0, engine=True),
     Option("cuda_graphs", "builtin: decode steps and prefill as CUDA graphs", type="bool?", engine=True),
     Option("compile", "builtin: torch.compile the blocks (default: on for cuda, off for cpu)", type="bool?",
            engine=True),

@@ -68,7 +68,7 @@ class Runner:
             "copy_bw_bytes_per_s": self.copy_bw, "copy_bw_reused": bool(self.config.copy_bw),
             "cuda_graphs": self.use_graphs, "compiled": self.config.compile, "pdl": self.model.tuning.pdl,
             "decode_attention": m.decode_attention, "gemv": m.gemv,
-            "prefetch_bytes": self.sm.prefetch_bytes if self.sm.prefetch_stream is not None else 0,
+            "prefetch_bytes": self.sm.prefetch_bytes,
             "torch": torch.__version__, "streams_created": StreamManager.created,
             "timestamp_ns": self.timestamp_ns, "vocab_size": m.cfg.vocab_size,
         }

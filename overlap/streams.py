@@ -1,6 +1,7 @@
 """The stream manager: one small object per engine that owns the CUDA streams, events and pinned
 buffers the overlap modes use. On CPU there are no streams: every method degrades to running the
-same code in program order, so CPU runs check the modes' correctness.
+same code in program order, so CPU runs check the modes' correctness (prefetch included: its read of
+the next weight runs in line, so a prefetch that changed a weight would change the tokens).
 """
 from __future__ import annotations
 
@@ -21,6 +22,11 @@ MODE_PARTS = {
     "double_buffer": {"double_buffer"},
     "full": {"prefetch", "pipeline", "double_buffer"},
 }
+
+
+# Prefetch's default read per all-reduce on CPU, where there is no L2 to fill and no side stream: enough
+# to cover every weight of the `tiny` model, cheap beside a step.
+CPU_PREFETCH_BYTES = 1 << 20
 
 
 class StreamManager:
@@ -48,10 +54,13 @@ class StreamManager:
                 self.comm_streams = [self._new()]
             if "prefetch" in self.parts:
                 self.copy_stream, self.prefetch_stream = self._new(), self._new()
-            l2 = torch.cuda.get_device_properties(device).L2_cache_size
-            self.prefetch_bytes = prefetch_bytes if prefetch_bytes is not None else l2 // 2
+            default = torch.cuda.get_device_properties(device).L2_cache_size // 2
         else:
-            self.prefetch_bytes = 0
+            default = CPU_PREFETCH_BYTES
+        # Bytes of the next weight read per all-reduce: 0 when the mode does not prefetch.
+        self.prefetch_bytes = 0
+        if "prefetch" in self.parts:
+            self.prefetch_bytes = prefetch_bytes if prefetch_bytes is not None else default
         self._used: list = []  # side streams forked from the current stream since the last join
 
     def _new(self):
@@ -87,11 +96,15 @@ class StreamManager:
     # -- prefetch: pull the next weight into L2 while an all-reduce runs ---------------------------
     def prefetch(self, weight: torch.Tensor) -> None:
         """Read the first `prefetch_bytes` of `weight` on a side stream, starting now (just before an
-        all-reduce), so the GEMM after the all-reduce finds it in L2 (PRESERVE, arXiv 2501.08192)."""
-        if self.prefetch_stream is None or self.prefetch_bytes <= 0:
+        all-reduce), so the GEMM after the all-reduce finds it in L2 (PRESERVE, arXiv 2501.08192).
+        On CPU the same read runs in program order: it hides nothing there, but it runs."""
+        if self.prefetch_bytes <= 0:
             return
         flat = weight.view(-1)
         n = min(flat.numel(), self.prefetch_bytes // flat.element_size())
+        if not self.cuda:
+            torch.sum(flat[:n])
+            return
         start = self.event()
         with self.on(self.prefetch_stream):
             self.prefetch_stream.wait_event(start)
