@@ -1,5 +1,6 @@
-"""The stored columns people read, listed once: header, format, a legend line and which direction is
-better. The end-of-run table, `llm-bench compare` and `llm-bench report` all show these."""
+"""The stored columns people read, listed once: header, format, a legend line, which direction is
+better and which benchmarks a column means something for. The end-of-run table, `llm-bench compare`
+and `llm-bench report` all show these, with the legend of the columns they show."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -12,11 +13,21 @@ class Column:
     fmt: str
     legend: str
     better: str | None  # "lower", "higher", or None (no direction: a share, a count)
+    only: tuple[str, ...] = ()  # the benchmark functions whose rows this number means something for; () = all
 
-    def show(self, e: dict) -> str:
-        """The cell for row extra_info `e`: a dash where the row has no such number."""
+    def applies(self, name: str) -> bool:
+        return not self.only or name.split("[")[0] in self.only
+
+    def show(self, e: dict, name: str) -> str:
+        """The cell for benchmark `name` with extra_info `e`: a dash where the row has no such number or
+        where it means nothing (the bus bandwidth of an 8 KiB latency all-reduce)."""
         v = e.get(self.key)
-        return self.fmt.format(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and self.applies(name)
+        return self.fmt.format(v) if ok else "-"
+
+    def describe(self) -> str:
+        """The legend line: what the number is and which way is better."""
+        return self.legend + (f"; {self.better} is better" if self.better else "")
 
 
 COLUMNS = (
@@ -37,10 +48,10 @@ COLUMNS = (
     Column("prefill_overlap_gain", "TTFT gain", "{:+.1%}", "TTFT(none) / TTFT(mode) - 1", "higher"),
     Column("prefill_comm_hidden_share", "TTFT hidden", "{:.0%}", "share of none's exposed prefill communication "
            "the mode hides", "higher"),
-    Column("allreduce_us_p50", "AR us", "{:.1f}", "all-reduce latency per op at the decode message size (device time)",
-           "lower"),
-    Column("busbw_gbps", "busbw GB/s", "{:.1f}", "all-reduce bus bandwidth at 256 MiB (NCCL-tests convention)",
-           "higher"),
+    Column("allreduce_us_p50", "AR us", "{:.1f}", "all-reduce latency per op at the decode message size "
+           "(batch x hidden), device time", "lower", only=("test_allreduce_latency",)),
+    Column("busbw_gbps", "busbw GB/s", "{:.1f}", "all-reduce bus bandwidth at 256 MiB (NCCL-tests convention; "
+           "16 MiB on CPU)", "higher", only=("test_allreduce_busbw",)),
     Column("step_gap_us_p50", "gap us", "{:.1f}", "GPU idle time between decode steps: the host's turn-around",
            "lower"),
 )
@@ -54,10 +65,22 @@ def align(table: list[list[str]], text_columns: int) -> list[str]:
             for row in table]
 
 
+def shown_columns(rows: list[dict]) -> list[Column]:
+    """The columns some row (name, extra_info) has a meaningful number for, in table order."""
+    return [c for c in COLUMNS if any(c.key in (r.get("extra_info") or {}) and c.applies(r["name"]) for r in rows)]
+
+
+def legend(cols: list[Column]) -> list[str]:
+    """One line per column: its header and what it means; then what a dash means."""
+    width = max((len(c.header) for c in cols), default=0)
+    return [f"  {c.header.ljust(width)}  {c.describe()}" for c in cols] + \
+        ["  (-: not measured in that run, or no meaning for that row)"]
+
+
 def format_table(rows: list[dict]) -> list[str]:
-    """The end-of-run table: one line per benchmark, only the columns some row has."""
-    cols = [c for c in COLUMNS if any(c.key in (r.get("extra_info") or {}) for r in rows)]
+    """The end-of-run table: one line per benchmark, only the columns some row has, and their legend."""
+    cols = shown_columns(rows)
     head = ["benchmark"] + [c.header for c in cols]
-    body = [[r["name"]] + [c.show(r.get("extra_info") or {}) for c in cols] for r in rows]
+    body = [[r["name"]] + [c.show(r.get("extra_info") or {}, r["name"]) for c in cols] for r in rows]
     lines = align([head] + body, text_columns=1)
-    return [lines[0], "-" * len(lines[0])] + lines[1:]
+    return [lines[0], "-" * len(lines[0])] + lines[1:] + ["legend:"] + legend(cols)

@@ -1,6 +1,16 @@
-"""`llm-bench gate`: fail CI only on real regressions. A metric regresses when it is worse than its
-threshold AND the per-round samples differ significantly (one-sided Mann-Whitney U, scipy; alpha
-0.002 as asv uses). Exit codes: 0 pass, 1 regression, 2 usage or data error.
+"""`llm-bench gate`: fail CI only on real regressions, and never pass when it could not have failed.
+
+A metric regresses when it is worse than its threshold AND the per-round samples differ
+significantly (one-sided Mann-Whitney U, scipy; alpha 0.002 as asv uses). The first line is the
+verdict. Exit status:
+  0  pass: every gated benchmark was decidable and none regressed;
+  1  regression (a candidate that lost a value the baseline has counts as one);
+  2  usage or data error (unknown metric, bad threshold or alpha, unreadable run, a string where a
+     number belongs, an interrupted benchmark, different GPUs);
+  3  cannot decide: too few rounds for any p below alpha (3 rounds a side: p >= 0.05), or no
+     per-round samples. A gate that cannot fail must not look like a pass, and it is not a usage
+     error either: the inputs are sound, the evidence is too thin (run more rounds, or raise alpha).
+A regression outranks an error, an error outranks "cannot decide".
 
 Rounds within one session vary less than sessions do (on H200 an A/A pair of sessions moved TTFT by
 9.5% with p=1e-4 while TPOT moved 0.1%), so one baseline run makes the test overconfident. Give
@@ -8,13 +18,20 @@ several baseline runs (`--baseline A B ...`): their samples are pooled and the s
 values raises the threshold to the noise actually seen between sessions."""
 from __future__ import annotations
 
+import argparse
+import json
+import math
 import sys
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from scipy.stats import mannwhitneyu
 
-from .storage import DataError, fingerprint, load_runs
+from .storage import DataError, fingerprint, is_number, json_safe, load_runs, write_output
+
+PASS, REGRESSED, ERROR, UNDECIDED = 0, 1, 2, 3
+VERDICT = {PASS: "PASS", REGRESSED: "REGRESSED", ERROR: "ERROR", UNDECIDED: "CANNOT DECIDE"}
 
 
 @dataclass
@@ -22,7 +39,7 @@ class Rule:
     metric: str          # extra_info column
     threshold: float     # relative (0.05 = 5%) or absolute when `absolute`
     higher_is_worse: bool
-    samples: str | None  # per-round list used for the significance test
+    samples: str         # per-round list used for the significance test
     absolute: bool = False
 
 
@@ -30,126 +47,264 @@ DEFAULT_RULES = [
     Rule("tpot_ms_p50", 0.05, True, "tpot_ms_rounds"),
     Rule("ttft_ms_p50", 0.05, True, "ttft_ms_rounds"),
     Rule("tok_per_s", 0.05, False, "tok_per_s_rounds"),
-    # Efficiency is a ratio of two benchmarks: significance is that of this benchmark's TPOT.
+    # Efficiency is a ratio of two benchmarks: its per-round samples are this benchmark's TPOT rounds
+    # through the stored efficiency (`_samples`), so a faster TP=1 base lowers them as it lowers it.
     Rule("scaling_efficiency", 0.03, False, "tpot_ms_rounds", absolute=True),
 ]
-KNOWN = {r.metric: r for r in DEFAULT_RULES}
+# Gated only when asked (--metric allreduce_us_p50:10%): the all-reduce benchmarks' per-op latency.
+KNOWN = {r.metric: r for r in DEFAULT_RULES + [Rule("allreduce_us_p50", 0.05, True, "allreduce_us_rounds")]}
 
 
 def parse_rule(text: str) -> Rule:
-    """NAME:THRESHOLD, e.g. tpot_ms_p50:5% or scaling_efficiency:0.03 (absolute)."""
+    """NAME:THRESHOLD, e.g. tpot_ms_p50:5% (relative) or scaling_efficiency:0.03 (absolute). The name is
+    one the gate knows per-round samples for; the threshold is finite and positive, and a relative
+    threshold on a higher-is-better metric is below 100% (a drop of 100% or more cannot happen)."""
     name, _, thr = text.partition(":")
-    usage = f"--metric {text!r}: expected NAME:THRESHOLD (e.g. tpot_ms_p50:5%)"
+    if name not in KNOWN:
+        raise DataError(f"--metric {text!r}: unknown metric '{name}'; known: {', '.join(KNOWN)}")
     if not thr:
-        raise DataError(usage)
-    base = KNOWN.get(name, Rule(name, 0, not name.startswith("tok_per_s"), f"{name.rsplit('_p', 1)[0]}_rounds"))
+        raise DataError(f"--metric {text!r}: expected NAME:THRESHOLD (e.g. {name}:5%)")
     try:
         value = float(thr.removesuffix("%"))
     except ValueError:
-        raise DataError(usage) from None
+        raise DataError(f"--metric {text!r}: threshold '{thr}' is not a number (e.g. {name}:5%)") from None
+    if not (math.isfinite(value) and value > 0):
+        raise DataError(f"--metric {text!r}: the threshold must be a finite number above 0")
+    base = KNOWN[name]
     if thr.endswith("%"):
+        if value >= 100 and not base.higher_is_worse:
+            raise DataError(f"--metric {text!r}: {name} cannot fall by {value:g}% or more: the gate could never fail")
         return Rule(name, value / 100, base.higher_is_worse, base.samples)
     return Rule(name, value, base.higher_is_worse, base.samples, absolute=True)
 
 
-def check(bases: list[dict], cand: dict, rules: list[Rule], alpha: float) -> tuple[list[dict], list[str]]:
-    """Rows of what was checked (and why it failed); names missing on either side."""
+def parse_rules(texts: list[str]) -> list[Rule]:
+    rules = [parse_rule(t) for t in texts]
+    names = [r.metric for r in rules]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise DataError(f"--metric given twice for {', '.join(twice)}")
+    return rules or DEFAULT_RULES
+
+
+def check_alpha(alpha: float) -> float:
+    if not (0 < alpha < 1):  # False for NaN too
+        raise DataError(f"--alpha {alpha}: must be between 0 and 1 (exclusive); the default is 0.002")
+    return alpha
+
+
+@lru_cache(maxsize=None)
+def _min_p(n1: int, n2: int) -> float:
+    """The smallest one-sided p the test can return for n1 and n2 rounds: that of fully separated
+    samples, through the same scipy call, so the bound is the one scipy's method reaches (exact for
+    small samples; for 10 rounds a side the normal approximation's 9.1e-5, not 1/C(20, 10) = 5.4e-6)."""
+    return float(mannwhitneyu(np.arange(n1) + n2, np.arange(n2), alternative="greater").pvalue)
+
+
+def _samples(r: Rule, e: dict) -> list[float]:
+    """Per-round values of `r.metric` in extra_info `e`. Scaling efficiency is TPOT(base) / TPOT x
+    base TP / TP, so round i's is efficiency x TPOT p50 / TPOT_i: this benchmark's spread around the
+    stored efficiency, moved by the base as the efficiency is (the base's own spread is left out)."""
+    rounds = e.get(r.samples) or []
+    if r.metric != "scaling_efficiency":
+        return list(rounds)
+    eff, tpot = e.get("scaling_efficiency"), e.get("tpot_ms_p50")
+    if not (is_number(eff) and is_number(tpot)) or not all(x > 0 for x in rounds):
+        return []
+    return [eff * tpot / x for x in rounds]
+
+
+def _fmt(v: float, absolute: bool) -> str:
+    return f"{v:+.3f}" if absolute else f"{v:+.1%}"
+
+
+def _check_one(r: Rule, bes: list[dict], ce: dict, alpha: float) -> dict | None:
+    """One metric of one benchmark; None when no baseline run has it (older files lack columns)."""
+    have = [be for be in bes if r.metric in be]
+    if not have:
+        return None
+    row = {"metric": r.metric, "absolute": r.absolute, "baseline": None, "candidate": None, "change": None,
+           "threshold": r.threshold, "p": None, "min_p": None, "n_baseline": 0, "n_candidate": 0}
+
+    def done(status: str, note: str) -> dict:
+        return {**row, "status": status, "note": note}
+
+    vals = [float(be[r.metric]) for be in have]
+    if not all(math.isfinite(v) for v in vals):
+        return done("ERROR", f"the baseline value is {vals} (not finite): nothing to compare against")
+    bv = float(np.median(vals))
+    row["baseline"] = bv
+    cv = ce.get(r.metric)
+    if not is_number(cv) or not math.isfinite(cv):
+        return done("REGRESSED", "the candidate has no value" if cv is None else f"the candidate value is {cv}")
+    cv = float(cv)
+    row["candidate"] = cv
+    if r.metric == "scaling_efficiency" and {be.get("scaling_base_tp") for be in have} != {ce.get("scaling_base_tp")}:
+        return done("ERROR", f"efficiency against different base TP sizes (baseline "
+                             f"{sorted({str(be.get('scaling_base_tp')) for be in have})}, candidate "
+                             f"{ce.get('scaling_base_tp')}): not comparable")
+    if not r.absolute and bv == 0:
+        return done("ERROR", "the baseline value is 0: a relative change is undefined")
+    rel = (lambda x: x) if r.absolute else (lambda x: x / abs(bv))
+    delta = rel(cv - bv)
+    noise = rel(max(vals) - min(vals)) if len(vals) > 1 else 0.0
+    thr = max(r.threshold, noise)
+    row.update(change=delta, threshold=thr)
+    # At the threshold counts as worse: a 5% slowdown fails a 5% threshold (1e-9: float noise).
+    worse = delta >= thr - 1e-9 if r.higher_is_worse else delta <= -thr + 1e-9
+    bs = [x for be in bes for x in _samples(r, be)]
+    cs = _samples(r, ce)
+    row.update(n_baseline=len(bs), n_candidate=len(cs))
+    if not all(math.isfinite(x) for x in bs + cs):
+        return done("ERROR", f"'{r.samples}' holds NaN or infinite rounds")
+    if not bs or not cs:
+        side = "baseline" if not bs else "candidate"
+        return done("UNDECIDED", f"cannot decide: no per-round samples ('{r.samples}') in the {side}")
+    alt = "greater" if r.higher_is_worse else "less"
+    row["min_p"] = floor = _min_p(len(cs), len(bs))
+    if floor >= alpha:
+        return done("UNDECIDED", f"cannot decide: with {len(bs)} baseline and {len(cs)} candidate rounds the "
+                                 f"smallest reachable p is {floor:.2g} >= alpha {alpha}")
+    p = float(mannwhitneyu(cs, bs, alternative=alt).pvalue)
+    row["p"] = p
+    if worse and p < alpha:
+        return done("REGRESSED", "")
+    if worse:
+        return done("ok", f"worse by the threshold but not significant (p={p:.3g} >= alpha {alpha}, smallest "
+                          f"reachable p {floor:.2g})")
+    raised = noise > r.threshold
+    return done("ok", f"threshold raised to the baselines' spread {_fmt(noise, r.absolute)}" if raised else "")
+
+
+def check(bases: list[dict], cand: dict, rules: list[Rule], alpha: float) -> tuple[list[dict], list[str], list[str]]:
+    """Rows of what was checked, each with a status (ok, REGRESSED, UNDECIDED, ERROR) and why; names
+    on one side only; benchmarks in common that no rule applies to."""
     b_all = [{b["fullname"]: b for b in run["benchmarks"]} for run in bases]
     b_names = set().union(*b_all)
     c_by = {b["fullname"]: b for b in cand["benchmarks"]}
-    missing = [f"only in baseline: {n}" for n in sorted(b_names - set(c_by))]
+    dropped = set(cand.get("llm_bench_dropped") or [])  # names the plugin did not store: interrupted
+    missing = [f"only in baseline: {n}" + (" (interrupted in the candidate run: not stored)"
+                                           if n.split("::")[-1] in dropped else "")
+               for n in sorted(b_names - set(c_by))]
     missing += [f"only in candidate: {n}" for n in sorted(set(c_by) - b_names)]
-    rows = []
+    rows, not_gated = [], []
     for name in sorted(b_names & set(c_by)):
-        bes = [run[name].get("extra_info") or {} for run in b_all if name in run]
-        ce = c_by[name].get("extra_info") or {}
-        for r in rules:
-            vals = [float(be[r.metric]) for be in bes if r.metric in be]
-            if not vals or r.metric not in ce:
-                continue
-            bv, cv = float(np.median(vals)), float(ce[r.metric])
-            rel = lambda x: x if r.absolute else (x / bv if bv else float("inf"))  # noqa: E731
-            delta = rel(cv - bv)
-            noise = rel(max(vals) - min(vals)) if len(vals) > 1 else 0.0
-            thr = max(r.threshold, noise)
-            # At the threshold counts as worse: a 5% slowdown fails a 5% threshold (1e-9: float noise).
-            worse = delta >= thr - 1e-9 if r.higher_is_worse else delta <= -thr + 1e-9
-            bs = [x for be in bes for x in (be.get(r.samples) or [])]
-            cs = ce.get(r.samples) or []
-            p = None
-            if len(bs) >= 2 and len(cs) >= 2:
-                # The samples' direction: for efficiency the samples are TPOT (higher = worse).
-                samples_higher_worse = r.higher_is_worse or r.samples.startswith("tpot")
-                alt = "greater" if samples_higher_worse else "less"
-                p = float(mannwhitneyu(cs, bs, alternative=alt).pvalue)
-            significant = p is not None and p < alpha
-            why = f"threshold raised to the baselines' spread {noise:.3g}" if noise > r.threshold else ""
-            if worse and not significant:
-                why = ("no per-round samples" if p is None else
-                       f"not significant (p={p:.3g} >= {alpha}; min reachable p with n={len(bs)},{len(cs)} "
-                       f"is {_min_p(len(bs), len(cs)):.3g})")
-            rows.append({"benchmark": name, "metric": r.metric, "baseline": bv, "candidate": cv,
-                         "change": delta, "absolute": r.absolute, "threshold": thr, "p": p,
-                         "regressed": bool(worse and significant), "note": why})
-    return rows, missing
-
-
-def _min_p(n1: int, n2: int) -> float:
-    from math import comb
-
-    return 1 / comb(n1 + n2, n1)
+        bes = [run[name]["extra_info"] for run in b_all if name in run]
+        ce = c_by[name]["extra_info"]
+        empty = [bases[i]["_path"] for i, run in enumerate(b_all) if name in run and not run[name]["extra_info"]]
+        empty += [cand["_path"]] if not ce else []
+        if empty:  # pytest-benchmark stores an interrupted benchmark's rounds with nothing of ours
+            rows.append({"benchmark": name, "metric": "-", "status": "ERROR", "absolute": False, "baseline": None,
+                         "candidate": None, "change": None, "threshold": None, "p": None, "min_p": None,
+                         "note": f"no measurements in {', '.join(empty)} (empty extra_info: interrupted before it "
+                                 "finished?): refused"})
+            continue
+        checked = [row for r in rules if (row := _check_one(r, bes, ce, alpha)) is not None]
+        if not checked:
+            not_gated.append(name)
+        rows += [{"benchmark": name, **row} for row in checked]
+    return rows, missing, not_gated
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("gate", help="exit 1 on a significant regression vs a baseline run")
+    p = sub.add_parser("gate", help="exit 1 on a significant regression vs baseline runs (3: cannot decide)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--baseline", required=True, nargs="+",
                    help="run id(s) (0001), file(s); several runs of the base commit set the noise floor")
-    p.add_argument("--candidate", default=None, help="default: the latest stored run")
+    p.add_argument("--candidate", default=None,
+                   help="one run (file, id, runs.jsonl#SESSION); default: the latest stored run")
     p.add_argument("--metric", action="append", default=[], metavar="NAME:THRESHOLD",
-                   help="e.g. tpot_ms_p50:5%% (relative) or scaling_efficiency:0.03 (absolute); "
-                        "default: tpot/ttft p50 +5%%, tok_per_s -5%%, scaling_efficiency -0.03")
-    p.add_argument("--alpha", type=float, default=0.002)
+                   help="e.g. tpot_ms_p50:5%% (relative) or scaling_efficiency:0.03 (absolute); known: "
+                        f"{', '.join(KNOWN)}; default: tpot/ttft p50 +5%%, tok_per_s -5%%, scaling_efficiency -0.03")
+    p.add_argument("--alpha", type=float, default=0.002, help="significance level, in (0, 1); default 0.002")
     p.add_argument("--storage", default=".benchmarks")
     p.add_argument("--allow-different-machines", action="store_true")
+    p.add_argument("--json", default=None, metavar="FILE", help="the verdict and every check as JSON (- for stdout)")
     p.set_defaults(func=run)
 
 
 def run(a) -> int:
-    rules = [parse_rule(m) for m in a.metric] or DEFAULT_RULES
+    rules = parse_rules(a.metric)
+    alpha = check_alpha(a.alpha)
     base = load_runs(a.baseline, a.storage)
-    cand = load_runs([a.candidate] if a.candidate else [], a.storage)[0]
-    return gate(base, cand, rules, a.alpha, a.allow_different_machines)
+    cands = load_runs([a.candidate] if a.candidate else [], a.storage)
+    if len(cands) != 1:
+        raise DataError(f"--candidate {a.candidate}: holds {len(cands)} runs ({', '.join(c['_path'] for c in cands)}); "
+                        f"name one (FILE#SESSION)")
+    out = sys.stderr if a.json == "-" else sys.stdout  # `--json -`: stdout holds the JSON alone
+    return gate(base, cands[0], rules, alpha, a.allow_different_machines, out=out, json_path=a.json)
+
+
+def _verdict(code: int, rows: list[dict], missing: list[str], alpha: float) -> str:
+    n = len(rows)
+    by = {s: [r for r in rows if r["status"] == s] for s in ("REGRESSED", "ERROR", "UNDECIDED")}
+    if code == REGRESSED:
+        worst = ", ".join(f"{r['benchmark'].split('::')[-1]} {r['metric']}"
+                          + (f" {_fmt(r['change'], r['absolute'])}" if r["change"] is not None else "")
+                          for r in by["REGRESSED"][:3])
+        return f"REGRESSED: {len(by['REGRESSED'])} of {n} checks ({worst}{', ...' if len(by['REGRESSED']) > 3 else ''})"
+    if code == ERROR:
+        return f"ERROR: {len(by['ERROR'])} of {n} checks could not be made ({by['ERROR'][0]['note']})"
+    if code == UNDECIDED:
+        und = by["UNDECIDED"]
+        floors = [r["min_p"] for r in und if r["min_p"] is not None]
+        why = (f"too few rounds: smallest reachable p {min(floors):.2g} >= alpha {alpha}; run >= 7 rounds a side "
+               f"(--llm-num-runs) or raise --alpha") if floors else "no per-round samples"
+        benches = len({r["benchmark"] for r in und})
+        return f"CANNOT DECIDE: {len(und)} of {n} checks on {benches} benchmarks ({why}); exit status 3"
+    extra = f"; {len(missing)} benchmarks on one side only" if missing else ""
+    return f"PASS: {n} checks, none regressed (alpha {alpha}){extra}"
 
 
 def gate(base, cand: dict, rules: list[Rule], alpha: float = 0.002, allow_different: bool = False,
-         out=None) -> int:
-    """Print what was checked; 0 pass, 1 regression, 2 data error. `base`: one run or a list of runs."""
+         out=None, json_path: str | None = None) -> int:
+    """Print the verdict, then what was checked; 0 pass, 1 regression, 2 data error, 3 cannot decide.
+    `base`: one run or a list of runs."""
     out = out or sys.stdout
     bases = base if isinstance(base, list) else [base]
     fc = fingerprint(cand)
     odd = [b for b in bases if fingerprint(b) != fc]
     if odd:
         fb = fingerprint(odd[0])
-        msg = f"GPU fingerprints differ: baseline {fb} ({odd[0]['_path']}) vs candidate {fc} ({cand['_path']})"
+        msg = (f"GPU fingerprints differ: baseline {fb or 'unknown (no machine_info.gpu)'} ({odd[0]['_path']}) vs "
+               f"candidate {fc or 'unknown (no machine_info.gpu)'} ({cand['_path']})")
         if not allow_different:
             print(f"llm-bench gate: {msg}; numbers from different machines are not comparable "
                   f"(--allow-different-machines to compare anyway)", file=sys.stderr)
-            return 2
+            return ERROR
         print(f"warning: {msg}", file=out)
-    rows, missing = check(bases, cand, rules, alpha)
+    rows, missing, not_gated = check(bases, cand, rules, alpha)
+    if not rows:
+        print(f"llm-bench gate: no gated metric ({', '.join(r.metric for r in rules)}) is in both runs' "
+              f"benchmarks in common", file=sys.stderr)
+        return ERROR
+    statuses = {r["status"] for r in rows}
+    code = next((c for c, s in ((REGRESSED, "REGRESSED"), (ERROR, "ERROR"), (UNDECIDED, "UNDECIDED"))
+                 if s in statuses), PASS)
+    verdict = _verdict(code, rows, missing, alpha)
+    print(f"llm-bench gate: {verdict}", file=out)
+    if code == ERROR and out is not sys.stderr:  # an error is also one line on stderr, as everywhere
+        print(f"llm-bench gate: {verdict}", file=sys.stderr)
     print(f"baseline:  {', '.join(b['_path'] for b in bases)}\ncandidate: {cand['_path']}\nalpha={alpha}", file=out)
     for r in rows:
-        ch = f"{r['change']:+.3f}" if r["absolute"] else f"{r['change']:+.1%}"
-        thr = f"{r['threshold']:.3f}" if r["absolute"] else f"{r['threshold']:.0%}"
-        p = "-" if r["p"] is None else f"{r['p']:.2g}"
-        status = "REGRESSED" if r["regressed"] else "ok"
-        print(f"{status:9} {r['benchmark']}  {r['metric']}: {r['baseline']:.4g} -> {r['candidate']:.4g} "
-              f"({ch}, threshold {thr}, p={p}) {r['note']}", file=out)
+        if r["change"] is None:
+            nums = "" if r["baseline"] is None else f"{r['baseline']:.4g} -> -"
+        else:
+            thr = f"{r['threshold']:.3f}" if r["absolute"] else f"{r['threshold']:.0%}"
+            p = "-" if r["p"] is None else f"{r['p']:.2g}"
+            nums = (f"{r['baseline']:.4g} -> {r['candidate']:.4g} ({_fmt(r['change'], r['absolute'])}, "
+                    f"threshold {thr}, p={p})")
+        print(f"{r['status']:9} {r['benchmark']}  {r['metric']}: {nums} {r['note']}".rstrip(), file=out)
     for m in missing:
         print(f"MISSING   {m}", file=out)
-    if not rows:
-        print("llm-bench gate: no metric was comparable between the two runs", file=sys.stderr)
-        return 2
-    bad = [r for r in rows if r["regressed"]]
-    print(f"{len(rows)} checks, {len(bad)} regressions, {len(missing)} benchmarks missing on one side", file=out)
-    return 1 if bad else 0
+    for n in not_gated:
+        print(f"NOT GATED {n}: none of {', '.join(r.metric for r in rules)} in the baseline", file=out)
+    counts = {s: sum(r["status"] == s for r in rows) for s in ("REGRESSED", "UNDECIDED", "ERROR")}
+    print(f"{len(rows)} checks: {counts['REGRESSED']} regressed, {counts['UNDECIDED']} undecidable, "
+          f"{counts['ERROR']} errors; {len(missing)} benchmarks on one side only", file=out)
+    if json_path:
+        doc = {"verdict": VERDICT[code], "exit_status": code, "summary": verdict, "alpha": alpha,
+               "baseline": [b["_path"] for b in bases], "candidate": cand["_path"], "checks": rows,
+               "one_side_only": missing, "not_gated": not_gated}
+        write_output(json_path, json.dumps(json_safe(doc), indent=1) + "\n")
+    return code

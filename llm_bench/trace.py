@@ -12,7 +12,7 @@ from collections import defaultdict
 import numpy as np
 
 from .metrics import comm_share
-from .storage import DataError
+from .storage import DataError, json_safe
 from .tracefile import PID_CF, PID_GPU, PID_RANKS, PID_REQ
 
 
@@ -35,12 +35,47 @@ def _load(path: str) -> list[dict]:
         raise DataError(f"{path}: cannot read trace ({e})") from e
     events = d.get("traceEvents") if isinstance(d, dict) else None
     ours = isinstance(events, list) and any(
-        e.get("ph") == "M" and e.get("pid") == PID_REQ and (e.get("args") or {}).get("name") == "requests"
+        e.get("ph") == "M" and e.get("pid") == PID_REQ and isinstance(e.get("args"), dict)
+        and e["args"].get("name") == "requests"
         for e in events if isinstance(e, dict))
     if not ours:
-        raise NotOurs(f"{path}: not a parallel-llm-bench trace, skipped (MLC's own and --torch-profile traces "
+        raise NotOurs(f"{path}: not a parallel-llm-bench trace (MLC's own and --torch-profile traces "
                       "open in https://ui.perfetto.dev)")
+    for i, e in enumerate(events):
+        why = _bad_event(e)
+        if why:
+            raise DataError(f"{path}: event {i} {why}: not what --llm-enable-trace writes")
     return events
+
+
+def _num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _bad_event(e) -> str | None:
+    """Why event `e` cannot be read as one of ours (None when it can): the fields `summarize` uses."""
+    if not isinstance(e, dict):
+        return f"is {type(e).__name__}, not an object"
+    ph, pid = e.get("ph"), e.get("pid")
+    if ph == "X" and pid in (PID_REQ, PID_CF, PID_RANKS):
+        for k in ("ts", "dur"):
+            if not _num(e.get(k)):
+                return f"({e.get('name')!r}) has {k} {e.get(k)!r}, not a number"
+        if not isinstance(e.get("name"), str):
+            return "has no name"
+        tid = e.get("tid")
+        if pid == PID_RANKS and not (isinstance(tid, int) and not isinstance(tid, bool) and tid >= 1):
+            return f"(rank step) has tid {e.get('tid')!r}, not a rank number >= 1"
+        args = e.get("args", {})
+        if not isinstance(args, dict):
+            return f"has args {args!r}, not an object"
+        if pid == PID_RANKS and not all(isinstance(args.get(k), (int, type(None))) for k in ("round", "step")):
+            return f"(rank step) has args {args!r}: round and step are not integers"
+    elif ph == "C" and pid == PID_GPU:
+        args = e.get("args")
+        if not isinstance(args, dict) or not all(_num(v) for v in args.values()):
+            return f"(GPU counter) has args {args!r}, not numbers"
+    return None
 
 
 def _ms(values: list[float], q: float) -> float | None:
@@ -94,17 +129,20 @@ def _text(path: str, s: dict) -> str:
 
 
 def run(a) -> int:
-    result = {}
+    result, skipped = {}, []
     for p in a.traces:  # a glob over results/traces/ also meets other tools' traces: skip those
         try:
             result[p] = summarize(_load(p))
         except NotOurs as e:  # unreadable files (DataError) end the command in cli.main
-            print(f"llm-bench trace: {e}", file=sys.stderr)
+            skipped.append(str(e))
     if not result:
-        print("llm-bench trace: no parallel-llm-bench trace among the files given", file=sys.stderr)
-        return 2
+        raise DataError(skipped[0] if len(skipped) == 1 else
+                        f"none of the {len(skipped)} files is a parallel-llm-bench trace (MLC's own and "
+                        "--torch-profile traces open in https://ui.perfetto.dev)")
+    for why in skipped:
+        print(f"llm-bench trace: skipped {why}", file=sys.stderr)
     if a.json:
-        print(json.dumps(result, indent=1))
+        print(json.dumps(json_safe(result), indent=1))
     else:
         print("\n".join(_text(p, s) for p, s in result.items()))
     return 0

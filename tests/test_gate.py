@@ -1,6 +1,7 @@
 """The regression gate: A/A of two real CPU runs and of two real H200 sessions pass; a significantly
-5% or 10% slower candidate fails; a 10% change hidden in noise does not; bad files and different
-machines exit 2."""
+5% or 10% slower candidate fails; a 10% change hidden in noise does not, for that reason; too few
+rounds cannot decide (exit 3) and say so first; a candidate without a value regresses; bad files,
+interrupted benchmarks and different machines exit 2; the verdict is also JSON."""
 import copy
 import io
 import json
@@ -9,7 +10,9 @@ import numpy as np
 import pytest
 
 from llm_bench.cli import main
-from llm_bench.gate import DEFAULT_RULES, gate
+from llm_bench.gate import DEFAULT_RULES, gate, parse_rule
+from llm_bench.metrics import derive_columns
+from llm_bench.storage import load_runs
 from tests.helpers import ROOT, run_pytest
 
 
@@ -61,26 +64,30 @@ def test_real_h200_sessions_a_a_passes_and_real_slowdowns_fail(tmp_path):
 
 
 def test_ten_percent_change_inside_noise_passes():
-    rng = np.random.default_rng(1)
-    base = 5.0 * rng.lognormal(0, 0.3, 10)
-    cand = 5.5 * rng.lognormal(0, 0.3, 10)
+    """Rounds spread 30% (lognormal): the candidate's rounds are the baseline's, each 10% slower. TPOT p50 is
+    10% worse, twice the threshold, but with this spread 10 rounds cannot show it (p = 0.17)."""
+    base = 5.0 * np.random.default_rng(0).lognormal(0, 0.3, 10)
+    cand = base * 1.10
     out = io.StringIO()
     assert gate(_run(base), _run(cand), DEFAULT_RULES, out=out) == 0
-    assert "not significant" in out.getvalue() or "ok" in out.getvalue()
+    # It passes *because* the change is not significant: worse than the threshold, p above alpha.
+    line = next(x for x in out.getvalue().splitlines() if "tpot_ms_p50:" in x)
+    assert line.startswith("ok ") and "worse by the threshold but not significant (p=" in line, line
+    assert "(+10.0%, threshold 5%, p=0.17)" in line, line  # crossed: only significance kept it from failing
 
 
 def test_missing_benchmark_is_listed():
     out = io.StringIO()
-    b = _run([5.0] * 5)
+    b = _run([5.0] * 10)
     c = copy.deepcopy(b)
-    c["benchmarks"].append(_run([5.0] * 5, name="test_baseline[bs16]")["benchmarks"][0])
+    c["benchmarks"].append(_run([5.0] * 10, name="test_baseline[bs16]")["benchmarks"][0])
     assert gate(b, c, DEFAULT_RULES, out=out) == 0
     assert "MISSING   only in candidate: benchmarks/test_baseline.py::test_baseline[bs16]" in out.getvalue()
 
 
 def test_different_gpu_fingerprint_is_refused_unless_allowed():
-    assert gate(_run([5] * 5, "a"), _run([5] * 5, "b"), DEFAULT_RULES, out=io.StringIO()) == 2
-    assert gate(_run([5] * 5, "a"), _run([5] * 5, "b"), DEFAULT_RULES, allow_different=True,
+    assert gate(_run([5] * 7, "a"), _run([5] * 7, "b"), DEFAULT_RULES, out=io.StringIO()) == 2
+    assert gate(_run([5] * 7, "a"), _run([5] * 7, "b"), DEFAULT_RULES, allow_different=True,
                 out=io.StringIO()) == 0
 
 
@@ -98,22 +105,152 @@ def test_corrupt_and_missing_files_exit_2_naming_the_file(tmp_path, capsys):
 
 def test_a_a_of_two_real_cpu_runs_passes(tmp_path):
     files = []
-    for i in range(2):
+    for i in range(2):  # 7 rounds a side: the smallest one-sided p (2.9e-4) is below alpha
         f = tmp_path / f"run{i}.json"
         r = run_pytest(ROOT / "benchmarks", "-k", "test_baseline", "--llm-batch-sizes", "1", "--llm-prompt-len", "4",
-                       "--llm-max-tokens", "8", "--llm-num-runs", "5", "--llm-warmup-runs", "1", f"--benchmark-json={f}",
-                       "--llm-results-dir", tmp_path)
+                       "--llm-max-tokens", "8", "--llm-num-runs", "7", "--llm-warmup-runs", "1",
+                       f"--benchmark-json={f}", "--llm-results-dir", tmp_path)
         assert r.returncode == 0, r.stdout[-2000:]
         files.append(str(f))
     assert main(["gate", "--baseline", files[0], "--candidate", files[1]]) == 0
     assert main(["compare", *files]) == 0
 
 
-@pytest.mark.parametrize("text", ["tpot_ms_p50", "tpot_ms_p50:x%"])
-def test_bad_metric_is_a_usage_error(tmp_path, text):
-    good = tmp_path / "good.json"
-    good.write_text(json.dumps(_run([5] * 5)))
-    assert main(["gate", "--baseline", str(good), "--candidate", str(good), "--metric", text]) == 2
+@pytest.mark.parametrize("args, says", [
+    (["--metric", "tpot_ms_p50"], "expected NAME:THRESHOLD"),
+    (["--metric", "tpot_ms_p50:x%"], "is not a number"),
+    (["--metric", "tpot_ms_p5:5%"], "unknown metric 'tpot_ms_p5'; known: tpot_ms_p50, ttft_ms_p50"),
+    (["--metric", "tpot_ms_p50:nan"], "finite number above 0"),
+    (["--metric", "tpot_ms_p50:0%"], "finite number above 0"),
+    (["--metric", "tpot_ms_p50:-5%"], "finite number above 0"),
+    (["--metric", "tpot_ms_p50:inf"], "finite number above 0"),
+    (["--metric", "tok_per_s:100%"], "could never fail"),
+    (["--metric", "tpot_ms_p50:5%", "--metric", "tpot_ms_p50:9%"], "given twice"),
+    (["--alpha", "-1"], "between 0 and 1"),
+    (["--alpha", "nan"], "between 0 and 1"),
+    (["--alpha", "1"], "between 0 and 1"),
+    (["--alpha", "0"], "between 0 and 1"),
+])
+def test_bad_metric_or_alpha_is_a_usage_error_even_on_a_doubled_tpot(tmp_path, capsys, args, says):
+    """Each of these once let a 2x slower TPOT through (the metric dropped, or a threshold or alpha
+    that cannot be crossed); now each is exit 2 with one line saying why."""
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(_run(5.0 + np.arange(10) * 0.01)))
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps(_run(10.0 + np.arange(10) * 0.01)))
+    assert main(["gate", "--baseline", str(base), "--candidate", str(slow)]) == 1  # the default rules catch it
+    capsys.readouterr()
+    assert main(["gate", "--baseline", str(base), "--candidate", str(slow), *args]) == 2
+    err = capsys.readouterr().err
+    assert says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_too_few_rounds_cannot_decide_and_says_so_first():
+    """3 rounds a side: the smallest one-sided p is 1/20 = 0.05, never below alpha 0.002. Even a doubled
+    TPOT cannot be called a regression, and an unchanged one must not look like a pass: exit 3."""
+    base = [5.0, 5.01, 5.02]
+    for cand in ([5.0, 5.01, 5.02], [10.0, 10.01, 10.02]):
+        out = io.StringIO()
+        assert gate(_run(base), _run(cand), DEFAULT_RULES, out=out) == 3
+        lines = out.getvalue().splitlines()
+        assert lines[0].startswith("llm-bench gate: CANNOT DECIDE: 1 of 1 checks on 1 benchmarks"), lines[0]
+        assert "smallest reachable p 0.05 >= alpha 0.002" in lines[0]
+        assert any(x.startswith("UNDECIDED benchmarks/test_baseline.py::test_baseline[bs1]  tpot_ms_p50") and
+                   "3 baseline and 3 candidate rounds" in x for x in lines), lines
+    # A larger alpha makes the same rounds decidable: the doubled TPOT regresses.
+    assert gate(_run(base), _run([10.0, 10.01, 10.02]), DEFAULT_RULES, alpha=0.06, out=io.StringIO()) == 1
+
+
+def test_min_p_is_what_scipy_can_reach():
+    from llm_bench.gate import _min_p
+
+    assert _min_p(3, 3) == pytest.approx(0.05)
+    assert _min_p(5, 5) == pytest.approx(1 / 252)
+    assert _min_p(7, 7) == pytest.approx(1 / 3432)
+    rng = np.random.default_rng(4)  # no pair of samples of these sizes gets below it
+    from scipy.stats import mannwhitneyu
+    for n1, n2 in ((3, 3), (5, 7), (10, 10), (2, 40)):
+        ps = [mannwhitneyu(rng.normal(1, 1, n1), rng.normal(0, 1, n2), alternative="greater").pvalue for _ in range(50)]
+        assert min(ps) >= _min_p(n1, n2) * (1 - 1e-9)
+
+
+def test_missing_or_nan_candidate_value_is_a_regression():
+    base = _run(5.0 + np.arange(10) * 0.01)
+    for value in (None, float("nan")):
+        cand = copy.deepcopy(base)
+        e = cand["benchmarks"][0]["extra_info"]
+        if value is None:
+            del e["tpot_ms_p50"]
+        else:
+            e["tpot_ms_p50"] = value
+        out = io.StringIO()
+        assert gate(base, cand, DEFAULT_RULES, out=out) == 1
+        assert out.getvalue().startswith("llm-bench gate: REGRESSED: 1 of 1 checks (test_baseline[bs1] tpot_ms_p50)")
+        assert ("the candidate has no value" if value is None else "the candidate value is nan") in out.getvalue()
+
+
+def test_no_per_round_samples_cannot_decide():
+    base = _run(5.0 + np.arange(10) * 0.01)
+    cand = copy.deepcopy(base)
+    del cand["benchmarks"][0]["extra_info"]["tpot_ms_rounds"]
+    out = io.StringIO()
+    assert gate(base, cand, DEFAULT_RULES, out=out) == 3
+    assert "no per-round samples ('tpot_ms_rounds') in the candidate" in out.getvalue()
+
+
+def test_interrupted_benchmark_is_refused_with_the_reason():
+    """An older file may hold a Ctrl-C'd benchmark: pytest-benchmark's rounds, an empty extra_info."""
+    base = _run(5.0 + np.arange(10) * 0.01)
+    cand = copy.deepcopy(base)
+    cand["benchmarks"][0]["extra_info"] = {}
+    out = io.StringIO()
+    assert gate(base, cand, DEFAULT_RULES, out=out) == 2
+    text = out.getvalue()
+    assert text.startswith("llm-bench gate: ERROR:") and "empty extra_info: interrupted" in text.splitlines()[0]
+    # The plugin now drops such a benchmark and lists it: the gate says why it is missing.
+    cand["benchmarks"] = []
+    cand["benchmarks"].append(_run([5.0] * 10, name="test_baseline[bs16]")["benchmarks"][0])
+    base["benchmarks"].append(copy.deepcopy(cand["benchmarks"][0]))
+    cand["llm_bench_dropped"] = ["test_baseline[bs1]"]
+    out = io.StringIO()
+    gate(base, cand, DEFAULT_RULES, out=out)
+    assert "only in baseline: benchmarks/test_baseline.py::test_baseline[bs1] (interrupted in the candidate run" \
+        in out.getvalue()
+
+
+def test_efficiency_that_falls_because_the_base_got_faster_regresses():
+    """Real H200 runs: from s4 to s5 TP=1 got 14% faster, TP=2 5%, so TP=2 bs1's efficiency fell 0.70 -> 0.63.
+    Its samples are the efficiency per round, not TPOT (whose rounds improved: p = 1 tested the wrong
+    way); an efficiency against another base TP is not compared."""
+    s4 = GPU_RUNS / "20261126-s4-llama3-8b-tensor_parallel.json"
+    s5 = GPU_RUNS / "20261126-s5-llama3-8b-tp.json"
+    base, cand = (load_runs([str(p)]) for p in (s4, s5))
+    rule = [parse_rule("scaling_efficiency:0.03")]
+    out = io.StringIO()
+    assert gate(base, cand[0], rule, out=out) == 1
+    line = next(x for x in out.getvalue().splitlines() if x.startswith("REGRESSED "))
+    assert "tp2-bs1]" in line and "0.698 -> 0.6317 (-0.066, threshold 0.030, p=0.00033)" in line, line
+    only_tp2 = copy.deepcopy(cand[0])
+    only_tp2["benchmarks"] = [b for b in only_tp2["benchmarks"] if "tp1" not in b["name"]]
+    derive_columns(only_tp2["benchmarks"])  # TP=2 is its own base now: efficiency 1.0, "better"
+    out = io.StringIO()
+    assert gate(base, only_tp2, rule, out=out) == 2
+    assert "efficiency against different base TP sizes (baseline ['1'], candidate 2)" in out.getvalue()
+
+
+def test_gate_json_output(tmp_path, capsys):
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps(_run(5.0 + np.arange(10) * 0.01)))
+    slow = tmp_path / "slow.json"
+    slow.write_text(json.dumps(_run(10.0 + np.arange(10) * 0.01)))
+    assert main(["gate", "--baseline", str(base), "--candidate", str(slow), "--json", "-"]) == 1
+    cap = capsys.readouterr()
+    doc = json.loads(cap.out)  # stdout holds the JSON alone; the text goes to stderr
+    assert doc["verdict"] == "REGRESSED" and doc["exit_status"] == 1
+    assert [(c["metric"], c["status"]) for c in doc["checks"]] == [("tpot_ms_p50", "REGRESSED")]
+    assert cap.err.startswith("llm-bench gate: REGRESSED")
+    assert main(["gate", "--baseline", str(base), "--candidate", str(base), "--json", str(tmp_path / "v.json")]) == 0
+    assert json.loads((tmp_path / "v.json").read_text())["verdict"] == "PASS"
 
 
 def test_several_baselines_raise_the_threshold_to_their_spread():

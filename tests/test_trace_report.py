@@ -1,5 +1,7 @@
 """Traces are valid Chrome trace JSON and `llm-bench trace` reads them, the report draws every plot
-from a stored CPU run, and the profiling script's basic mode runs on CPU without NVML and says so."""
+from a stored CPU run and from the committed GPU runs (runs told apart by short labels, one timeline
+per TP size), the end-of-run table has a legend and a dash where a number means nothing, and the
+profiling script's basic mode runs on CPU without NVML and says so."""
 import json
 import shutil
 import subprocess
@@ -8,7 +10,13 @@ from collections import defaultdict
 import pytest
 
 from llm_bench.cli import main
+from llm_bench.columns import format_table
+from llm_bench.storage import load_runs, run_labels
 from tests.helpers import ROOT, run_pytest
+
+GPU = ROOT / ".benchmarks" / "gpu"
+S5 = [str(GPU / "H200x2" / "20261126-s5-llama3-8b-tp.json"), str(GPU / "H200x4" / "20261126-s5-llama3-8b-tp.json"),
+      str(GPU / "H200x4" / "20261126-s5-llama3-8b-overlap-tp4.json")]
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +66,8 @@ def test_trace_command_reads_steps_ranks_and_comm_share(cpu_run, tmp_path, capsy
         err = capsys.readouterr().err
         assert name in err and why in err
     assert main(["trace", path, str(tmp_path / "array.json")]) == 0  # another tool's trace is skipped
-    assert "array.json: not a parallel-llm-bench trace, skipped" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "llm-bench trace: skipped " in err and "array.json: not a parallel-llm-bench trace" in err
 
 
 def test_report_draws_every_plot(cpu_run, tmp_path):
@@ -69,6 +78,55 @@ def test_report_draws_every_plot(cpu_run, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
         assert f"({png})" in (out / "index.md").read_text()
     assert "test_tensor_parallel[tp2-bs2]" in (out / "index.md").read_text()
+
+
+def test_report_of_committed_gpu_runs_labels_runs_and_draws_each_tp(tmp_path):
+    """Two files of the same name on 2 and 4 GPUs and an overlap run: short labels that tell them apart
+    (not 60-character file names), every plot, one timeline per TP size with a request of each run."""
+    from llm_bench.report import _rows, _timeline_rows
+
+    runs = load_runs(S5)
+    assert run_labels(runs) == ["H200x2-tp", "H200x4-tp", "H200x4-overlap-tp4"]
+    by_tp = _timeline_rows(_rows(runs))
+    assert {tp: [r["run"] for r in rs] for tp, rs in by_tp.items()} == {
+        1: ["H200x2-tp", "H200x4-tp"], 2: ["H200x2-tp", "H200x4-tp"], 4: ["H200x4-tp", "H200x4-overlap-tp4"]}
+    assert all(r["extra_info"]["batch_size"] == 1 for rs in by_tp.values() for r in rs)
+    out = tmp_path / "report"
+    assert main(["report", *S5, "--out", str(out)]) == 0
+    index = (out / "index.md").read_text()
+    for png in ("speedup.png", "efficiency.png", "latency.png", "overlap_gain.png", "timeline.png"):
+        assert f"({png})" in index and (out / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| H200x4-tp | test_tensor_parallel[tp4-bs1] |" in index and "- **eff**: scaling efficiency" in index
+    assert f"Made with `llm-bench report {S5[0]}" in index
+
+
+def test_every_committed_gpu_run_still_reads(tmp_path, capsys):
+    """Old files lack columns (no busbw, no rounds, no derived columns): compare and report still work."""
+    files = sorted(str(p) for p in GPU.glob("*/*.json") if '"benchmarks"' in p.read_text())
+    assert len(files) >= 20
+    for f in files:
+        assert main(["compare", f]) == 0, f
+    assert main(["report", str(GPU / "H200x2" / "20261126-llama3-8b-trace-run.json"),
+                 str(GPU / "H200x2" / "20261126-llama3-70b-tensor_parallel.json"), "--out", str(tmp_path / "r")]) == 0
+    capsys.readouterr()
+
+
+def test_end_of_run_table_has_a_legend_and_dashes_where_a_number_means_nothing():
+    """busbw of an 8 KiB latency all-reduce and the per-op latency of the 256 MiB bandwidth point mean
+    nothing under their columns' definitions: a dash. The legend lists the columns shown, only those."""
+    rows = [{"name": "test_tensor_parallel[tp2-bs1]", "extra_info": {"tpot_ms_p50": 3.0, "scaling_efficiency": 0.6}},
+            {"name": "test_allreduce_latency[tp2-bs1]", "extra_info": {"allreduce_us_p50": 7.5, "busbw_gbps": 1.09}},
+            {"name": "test_allreduce_busbw[tp2]", "extra_info": {"allreduce_us_p50": 896.5, "busbw_gbps": 299.4}}]
+    lines = format_table(rows)
+    assert lines[0].split() == ["benchmark", "TPOT", "ms", "eff", "AR", "us", "busbw", "GB/s"]
+    cells = {ln.split()[0]: ln.split()[1:] for ln in lines[2:5]}
+    assert cells == {"test_tensor_parallel[tp2-bs1]": ["3.000", "0.60", "-", "-"],
+                     "test_allreduce_latency[tp2-bs1]": ["-", "-", "7.5", "-"],
+                     "test_allreduce_busbw[tp2]": ["-", "-", "-", "299.4"]}
+    legend = lines[lines.index("legend:") + 1:]
+    assert [ln.split("  ")[1].strip() for ln in legend[:-1]] == ["TPOT ms", "eff", "AR us", "busbw GB/s"]
+    assert "scaling efficiency" in legend[1] and "higher is better" in legend[1]
+    assert legend[-1].strip().startswith("(-: not measured")
 
 
 def test_profile_script_basic_mode_without_nvml(tmp_path):
