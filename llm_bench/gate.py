@@ -12,8 +12,8 @@ verdict. Exit status:
      error either: the inputs are sound, the evidence is too thin (run more rounds, or raise alpha).
 A regression outranks an error, an error outranks "cannot decide".
 
-Rounds within one session vary less than sessions do (on H200 an A/A pair of sessions moved TTFT by
-9.5% with p=1e-4 while TPOT moved 0.1%), so one baseline run makes the test overconfident. Give
+Rounds within one session vary less than sessions do (NOTES-gpu.md: an A/A pair of GPU sessions
+that differed significantly), so one baseline run makes the test overconfident. Give
 several baseline runs (`--baseline A B ...`): their samples are pooled and the spread between their
 values raises the threshold to the noise actually seen between sessions."""
 from __future__ import annotations

@@ -62,7 +62,8 @@ class Runner:
             "rank": self.rank, "device": str(self.device), "dtype": str(m.dtype).replace("torch.", ""),
             "allreduce": self.comm.backend, "symm_error": self.comm.symm_error,
             "lamport_error": self.comm.lamport_error,
-            "prefill_chunk_allreduce": "copy-engine" if self.comm.ce is not None else self.comm.backend,
+            "prefill_chunk_allreduce": None if not self.schedule.pipelined else
+            "copy-engine" if self.comm.ce is not None else self.comm.backend,
             "ce_error": self.comm.ce_error,
             "weight_bytes_per_step": m.weight_bytes_per_step(), "kv_bytes_per_token": m.kv_bytes_per_token(),
             "copy_bw_bytes_per_s": self.copy_bw, "copy_bw_reused": bool(self.config.copy_bw),

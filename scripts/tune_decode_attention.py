@@ -10,6 +10,7 @@ H200; the kernel is latency-bound, so its best shape is a measurement, not a cou
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 
 import torch
@@ -60,7 +61,8 @@ def main() -> None:
     for block_t in (16, 32, 64, 128):
         for warps in (1, 2, 4, 8):
             tuning = kernels.Tuning(attention_block_t=block_t, attention_warps=warps)
-            us = per_call_us(lambda: kernels.decode_attention(qkv, cos, sin, pos, kc, vc, H, KV, counters, tuning))
+            us = per_call_us(functools.partial(kernels.decode_attention, qkv, cos, sin, pos, kc, vc, H, KV, counters,
+                                               tuning))
             print(json.dumps({**shape, "path": "triton", "block_t": block_t, "num_warps": warps, "us": round(us, 2),
                               "default": tuning[1:] == kernels.Tuning()[1:]}))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import functools
 import json
 
 import torch
@@ -45,51 +46,61 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=32, help="distinct weights per measurement")
     a = ap.parse_args()
     c = resolve_model(a.model)
-    dev, dt = torch.device("cuda"), torch.bfloat16
     inductor = compiled_blocks()
     best_all = {}
     for tp in a.tp:
         for name, (n, k, swiglu) in shapes(c, tp).items():
-            rows = 2 * n if swiglu else n
-            count = 4 if name == "lm_head" else a.layers  # one LM head: > 1 GB, never in L2 anyway
-            ws = [torch.randn(rows, k, device=dev, dtype=dt) * k ** -0.5 for _ in range(count)]
-            x = torch.randn(1, 1, k, device=dev, dtype=dt)
-            nbytes = ws[0].numel() * ws[0].element_size()
-            head = {"model": a.model, "tp": tp, "weight": name, "n": n, "k": k, "swiglu": swiglu,
-                    "gpu": torch.cuda.get_device_name()}
-
-            def line(path: str, fn, **cfg) -> float:
-                us = per_call_us(lambda: [fn(w) for w in ws], calls=1) / count
-                print(json.dumps({**head, "path": path, **cfg, "us": round(us, 2),
-                                  "tb_per_s": round(nbytes / us / 1e6, 3)}), flush=True)
-                return us
-            if swiglu:
-                ref = lambda w: F.silu((x @ w[:n].t()).float()) * (x @ w[n:].t()).float()  # noqa: E731
-                line("inductor", lambda w: inductor.swiglu_up(x, w, n))
-                line("cublas+pointwise", lambda w: swiglu_up(x, w, n))
-                kernel = lambda w, cfg: G.gemv_swiglu(x, w, n, cfg)  # noqa: E731
-            else:
-                ref = lambda w: (x @ w.t()).float()  # noqa: E731
-                line("inductor", lambda w: inductor.matvec(x, w))
-                line("cublas", lambda w: matvec(x, w))
-                kernel = lambda w, cfg: G.gemv(x, w, cfg)  # noqa: E731
-            results = {}
-            for bn, bk, warps in GRID:
-                if bk > k:
-                    continue
-                cfg = (bn, bk, warps)
-                results[cfg] = line("triton", lambda w: kernel(w, cfg), block_n=bn, block_k=bk, num_warps=warps)
-            best = min(results, key=results.get)
-            want = ref(ws[0])
-            err = ((kernel(ws[0], best).float() - want).abs().max() / want.abs().max()).item()
-            dflt = G.DEFAULT if G.DEFAULT in results else None
-            print(json.dumps({**head, "best": best, "best_us": round(results[best], 2),
-                              "best_tb_per_s": round(nbytes / results[best] / 1e6, 3), "rel_err": err,
-                              "default_us": round(results[dflt], 2) if dflt else None}), flush=True)
-            best_all[f"({n}, {k}, {swiglu})"] = list(best)
-            ws.clear()
+            best_all[f"({n}, {k}, {swiglu})"] = list(sweep(a, tp, name, n, k, swiglu, inductor))
             torch.cuda.empty_cache()
     print(json.dumps({"configs": best_all}))
+
+
+def sweep(a, tp: int, name: str, n: int, k: int, swiglu: bool, inductor) -> tuple:
+    """Every configuration of GRID for one weight shape, beside Inductor's and cuBLAS's products;
+    one JSON line each and one for the best. Returns the best configuration."""
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    rows = 2 * n if swiglu else n
+    count = 4 if name == "lm_head" else a.layers  # one LM head: > 1 GB, never in L2 anyway
+    ws = [torch.randn(rows, k, device=dev, dtype=dt) * k ** -0.5 for _ in range(count)]
+    x = torch.randn(1, 1, k, device=dev, dtype=dt)
+    nbytes = ws[0].numel() * ws[0].element_size()
+    head = {"model": a.model, "tp": tp, "weight": name, "n": n, "k": k, "swiglu": swiglu,
+            "gpu": torch.cuda.get_device_name()}
+
+    def line(path: str, fn, **cfg) -> float:
+        us = per_call_us(lambda: [fn(w) for w in ws], calls=1) / count
+        print(json.dumps({**head, "path": path, **cfg, "us": round(us, 2),
+                          "tb_per_s": round(nbytes / us / 1e6, 3)}), flush=True)
+        return us
+    if swiglu:
+        def ref(w):
+            return F.silu((x @ w[:n].t()).float()) * (x @ w[n:].t()).float()
+
+        def kernel(w, cfg):
+            return G.gemv_swiglu(x, w, n, cfg)
+        line("inductor", lambda w: inductor.swiglu_up(x, w, n))
+        line("cublas+pointwise", lambda w: swiglu_up(x, w, n))
+    else:
+        def ref(w):
+            return (x @ w.t()).float()
+
+        def kernel(w, cfg):
+            return G.gemv(x, w, cfg)
+        line("inductor", lambda w: inductor.matvec(x, w))
+        line("cublas", lambda w: matvec(x, w))
+    results = {}
+    for cfg in GRID:
+        if cfg[1] <= k:
+            results[cfg] = line("triton", functools.partial(kernel, cfg=cfg), block_n=cfg[0], block_k=cfg[1],
+                                num_warps=cfg[2])
+    best = min(results, key=results.get)
+    want = ref(ws[0])
+    err = ((kernel(ws[0], best).float() - want).abs().max() / want.abs().max()).item()
+    dflt = G.DEFAULT if G.DEFAULT in results else None
+    print(json.dumps({**head, "best": best, "best_us": round(results[best], 2),
+                      "best_tb_per_s": round(nbytes / results[best] / 1e6, 3), "rel_err": err,
+                      "default_us": round(results[dflt], 2) if dflt else None}), flush=True)
+    return best
 
 
 if __name__ == "__main__":

@@ -30,4 +30,4 @@ def test_compiled_blocks_match_eager(rows):
             if a.dtype == torch.long:  # greedy's index: equal where the max is not a near-tie
                 assert torch.equal(a, b), name
             else:
-                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m: f"{name}: {m}")
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")

@@ -112,7 +112,11 @@ def test_a_a_of_two_real_cpu_runs_passes(tmp_path):
                        f"--benchmark-json={f}", "--llm-results-dir", tmp_path)
         assert r.returncode == 0, r.stdout[-2000:]
         files.append(str(f))
-    assert main(["gate", "--baseline", files[0], "--candidate", files[1]]) == 0
+    # Two CPU sessions of one commit moved TPOT by up to 3x on this shared 2-core box (NOTES: the
+    # gate's GPU thresholds are for GPUs); a 3x threshold keeps the A/A meaningful here: it fails on
+    # a broken gate (error, cannot decide, a spurious regression beyond 3x), not on CPU noise.
+    loose = ["--metric", "tpot_ms_p50:200%", "--metric", "ttft_ms_p50:200%", "--metric", "tok_per_s:67%"]
+    assert main(["gate", "--baseline", files[0], "--candidate", files[1], *loose]) == 0
     assert main(["compare", *files]) == 0
 
 

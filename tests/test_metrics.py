@@ -1,4 +1,4 @@
-"""Metric math on hand-made timestamps (DESIGN §5), and the cross-benchmark columns."""
+"""Metric math on hand-made timestamps (the README's definitions), and the cross-benchmark columns."""
 import re
 
 import pytest
