@@ -152,30 +152,47 @@ def plot_latency(plt, rows, path, st) -> bool:
     return _save(plt, fig, path)
 
 
-def plot_overlap(plt, rows, path, st) -> bool:
-    es = [r for r in rows if "overlap_gain" in r["extra_info"] and r["extra_info"].get("overlap") != "none"]
-    if not es:  # `none` is the reference: its gain is 0 by definition
-        return False
+def _gain_bars(ax, es: list[dict], key: str, st, cmap, legend: bool = True) -> None:
+    """Bars of `key` (a gain vs none, in %) per mode, grouped by (run, TP, batch); no bar: not run."""
     order = {m: i for i, m in enumerate(OVERLAP_MODES)}
     modes = sorted({r["extra_info"]["overlap"] for r in es}, key=lambda m: order.get(m, len(order)))
     several = len({r["run"] for r in es}) > 1
     cfgs = sorted({(st.runs.index(r["run"]), r["extra_info"]["tp"], r["extra_info"].get("batch_size") or 0)
                    for r in es})
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(cfgs) + 2), 4))
     w = 0.8 / len(modes)
-    cmap = plt.get_cmap("tab10")
     for i, m in enumerate(modes):
         by = {(st.runs.index(r["run"]), r["extra_info"]["tp"], r["extra_info"].get("batch_size") or 0):
-              r["extra_info"]["overlap_gain"] * 100 for r in es if r["extra_info"]["overlap"] == m}
-        xs = [j + (i - (len(modes) - 1) / 2) * w for j, c in enumerate(cfgs) if c in by]  # not run: no bar
+              r["extra_info"][key] * 100 for r in es if r["extra_info"]["overlap"] == m}
+        xs = [j + (i - (len(modes) - 1) / 2) * w for j, c in enumerate(cfgs) if c in by]
         bars = ax.bar(xs, [by[c] for c in cfgs if c in by], w * 0.95, label=m, color=cmap(order.get(m, i) % 10))
         ax.bar_label(bars, fmt="%+.1f", fontsize=7, padding=1)
     ax.axhline(0, color="k", lw=1)
-    ax.set_xticks(range(len(cfgs)), [(f"{st.runs[k]}\n" if several else "") + f"TP={t} bs{b}" for k, t, b in cfgs],
-                  fontsize=8)
-    ax.set(ylabel="gain vs none (%)", title="Overlap gain: TPOT(none) / TPOT(mode) - 1 (no bar: mode not run)")
+    labels = [(st.runs[k].replace("-", "-\n", 1) + "\n" if several else "") + f"TP={t} bs{b}" for k, t, b in cfgs]
+    ax.set_xticks(range(len(cfgs)), labels, fontsize=7)
     ax.grid(axis="y", alpha=0.3)
-    st.legend(ax, title="mode")
+    if legend:
+        st.legend(ax, title="mode")
+
+
+def plot_overlap(plt, rows, path, st) -> bool:
+    """Decode gain (TPOT) per mode, and beside it the prefill gain (TTFT) where a mode split the
+    prefill (`pipeline-prefill` in overlap_applied): the only part of a mode that acts on TTFT."""
+    es = [r for r in rows if "overlap_gain" in r["extra_info"] and r["extra_info"].get("overlap") != "none"]
+    if not es:  # `none` is the reference: its gain is 0 by definition
+        return False
+    pre = [r for r in rows if "prefill_overlap_gain" in r["extra_info"]
+           and "pipeline-prefill" in str(r["extra_info"].get("overlap_applied", ""))]
+    cfgs = {(r["run"], r["extra_info"]["tp"], r["extra_info"].get("batch_size")) for r in es}
+    fig, axes = plt.subplots(1, 2 if pre else 1, figsize=(max(6, 1.3 * len(cfgs) + 2) + (4 if pre else 0), 4.2),
+                             squeeze=False, gridspec_kw={"width_ratios": [max(1, len(cfgs)), 1]} if pre else None)
+    cmap = plt.get_cmap("tab10")
+    _gain_bars(axes[0][0], es, "overlap_gain", st, cmap, legend=not pre)
+    axes[0][0].set(ylabel="gain vs none (%)", title="Decode: TPOT(none) / TPOT(mode) - 1 (no bar: not run)")
+    if pre:  # one legend for both panels, right of the second
+        _gain_bars(axes[0][1], pre, "prefill_overlap_gain", st, cmap, legend=False)
+        axes[0][1].set(title="Prefill chunks: TTFT gain")
+        handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
+        st.legend(axes[0][1], handles=list(handles.values()), title="mode")
     return _save(plt, fig, path)
 
 

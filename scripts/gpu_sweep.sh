@@ -1,8 +1,37 @@
 #!/usr/bin/env bash
 # One batch of GPU work for the device machine: smoke checks, then benchmark sweeps, results under
-# $OUT (or ./gpu-out). Usage: scripts/gpu_sweep.sh STAGE...   stages: smoke baseline compile anatomy allreduce-bench
-# prefill-bench gemv-tune attn-tune prefetch tp overlap
-# overlap70 tp70 peer gate trace
+# $OUT (or ./gpu-out). Usage and stages: scripts/gpu_sweep.sh --help
+STAGES="smoke baseline compile anatomy allreduce-bench prefill-bench gemv-tune attn-tune prefetch tp overlap
+        overlap70 tp70 peer gate trace"
+usage() {
+  cat <<USAGE
+usage: scripts/gpu_sweep.sh STAGE...      (results under \$OUT, default ./gpu-out)
+stages, run in the order given:
+  smoke            engines of every overlap mode and all-reduce (llama3-1b, TP=2), pytest tests -m gpu,
+                   the overlap-modes logits check and its planted missing wait: start every GPU session here
+  baseline         llama3-8b baseline, batches 1 and 16
+  compile          the same without torch.compile / Triton attention, and both compared
+  anatomy          where a TP=1 decode step's time goes, per engine variant (scripts/step_anatomy.py)
+  allreduce-bench  decode all-reduce paths at 1 and 16 rows (scripts/bench_allreduce.py)
+  prefill-bench    one 8B layer's prefill at TP=2 per overlap variant (scripts/bench_prefill_overlap.py)
+  gemv-tune        the batch-1 GEMV configurations per weight shape (scripts/tune_gemv.py, GEMV_TPS)
+  attn-tune        the decode-attention kernel's keys per block x warps
+  prefetch         --llm-prefetch-mb sweep of the prefetch mode
+  tp               llama3-8b TP scaling with communication shares
+  overlap          llama3-8b overlap modes at batches 1, 16, 64 (OVERLAP_TPS)
+  overlap70, tp70  the same for llama3-70b
+  peer             Hugging Face transformers on the same shapes (scripts/hf_peer.py)
+  gate             two sessions of one commit (A/A) and one with CUDA graphs off, gated
+  trace            traces, report and llm-bench trace of a TP 1/2 run
+USAGE
+}
+case "${1:-}" in
+  -h|--help) usage; exit 0 ;;
+  "") usage >&2; exit 2 ;;
+esac
+for stage in "$@"; do
+  case " $(echo $STAGES) " in *" $stage "*) ;; *) echo "gpu_sweep: unknown stage '$stage' (--help lists them)" >&2; exit 2 ;; esac
+done
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 PYTHONUNBUFFERED=1
