@@ -12,7 +12,7 @@ import zipfile
 
 import pytest
 
-from tests.helpers import ROOT, run_pytest
+from tests.helpers import ROOT, copy_checkout, run_pytest
 
 PYPI_FIXTURES = "fixtures==4.3.2"
 
@@ -24,8 +24,9 @@ def _pip(*args, **kw):
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
-    out = tmp_path_factory.mktemp("wheel")
-    r = _pip("wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", ROOT, "-w", out, cwd=ROOT)
+    src, out = tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("wheel")
+    copy_checkout(src)  # setuptools builds in the source tree: a build/ left there would go into the wheel
+    r = _pip("wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q", src, "-w", out, cwd=src)
     assert r.returncode == 0, r.stderr[-3000:]
     (whl,) = out.glob("parallel_llm_bench-*.whl")
     return whl

@@ -7,14 +7,13 @@ test: the checkout is the scratch repository; the upload is checked as the folde
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
 
 import yaml
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, copy_checkout
 
 WORKFLOW = ROOT / ".github" / "workflows" / "gpu-bench.yml"
 # A multi-word marker expression in quotes: BENCH_ARGS must be split like a command line.
@@ -53,12 +52,7 @@ def git(*args, cwd):
 def scratch_repo(path):
     """This tree (tracked files and new ones git does not ignore, as they are on disk) committed
     twice: the merge base, then an empty PR commit; origin/main points at the base."""
-    files = git("ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=ROOT).split("\0")
-    for f in filter(None, files):
-        src = ROOT / f
-        if src.is_file():
-            (path / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, path / f)
+    copy_checkout(path)
     git("init", "-q", "-b", "main", cwd=path)
     git("add", "-A", cwd=path)
     git("commit", "-q", "-m", "base", cwd=path)
