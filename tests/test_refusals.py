@@ -110,9 +110,10 @@ def test_pytest_benchmark_header_shows_the_rounds_that_run(tmp_path):
 
 
 def test_one_output_token_row_says_why_it_has_no_tpot(tmp_path):
-    _, b = _run(tmp_path, "--llm-max-tokens", "1", "--llm-num-runs", "2")
+    stdout, b = _run(tmp_path, "--llm-max-tokens", "1", "--llm-num-runs", "2")
     e = b["extra_info"]
     assert e["tpot_ms_note"] == "one output token: TPOT, ITL, MBU and scaling need --llm-max-tokens >= 2"
+    assert "no tpot_ms: one output token: TPOT, ITL, MBU and scaling need --llm-max-tokens >= 2" in stdout
     assert not {"tpot_ms_p50", "tpot_ms_mean", "itl_ms_p50", "mbu"} & set(e)
     assert e["ttft_ms_p50"] > 0
 
