@@ -103,10 +103,13 @@ def test_benchmark_min_rounds_is_honoured(tmp_path):
     assert "7 timed rounds (--benchmark-min-rounds)" in stdout and "min_rounds=7" in stdout
 
 
-def test_pytest_benchmark_header_shows_the_rounds_that_run(tmp_path):
+def test_pytest_benchmark_header_shows_the_rounds_that_run(monkeypatch):
     r = run_pytest(ROOT / "benchmarks", "--co", "--llm-num-runs", "4")
     assert r.returncode == 0, r.stdout[-2000:]
     assert " min_rounds=4 " in r.stdout and "4 timed rounds (--llm-num-runs)" in r.stdout
+    monkeypatch.setenv("PYTEST_ADDOPTS", "--benchmark-min-rounds=6")  # given outside the command line
+    r = run_pytest(ROOT / "benchmarks", "--co", "--llm-num-runs", "4")
+    assert " min_rounds=6 " in r.stdout and "6 timed rounds (--benchmark-min-rounds)" in r.stdout
 
 
 def test_one_output_token_row_says_why_it_has_no_tpot(tmp_path):
