@@ -19,13 +19,15 @@ import secrets
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import traceback
 import weakref
+from contextlib import contextmanager
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Listener, wait
+from multiprocessing.connection import Listener, answer_challenge, deliver_challenge, wait
 
 from .engine import ConfigError, EngineError, ModeNotApplicable
 
@@ -50,6 +52,18 @@ def _import_roots(module: str) -> list[str]:
             if root not in roots:
                 roots.append(root)
     return roots
+
+
+@contextmanager
+def _recv_timeout(conn, seconds: float):
+    """Reads on `conn` (a blocking socket connection) fail with an OSError after `seconds` of silence."""
+    sock = socket.socket(fileno=os.dup(conn.fileno()))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", int(seconds), int(seconds % 1 * 1e6)))
+        yield
+    finally:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, struct.pack("ll", 0, 0))
+        sock.close()
 
 
 def _exit_waitable(proc: subprocess.Popen):
@@ -100,7 +114,10 @@ class EngineProcesses:
     def _spawn(self, spec: dict) -> None:
         spec = {**spec, "parent_pid": os.getpid()}  # a child whose parent is already gone exits at once
         key = secrets.token_bytes(16)
-        with Listener(("127.0.0.1", 0), authkey=key) as lst:
+        # Authenticated here, one connection at a time with a deadline: a stray local connection
+        # (silent, garbage, a wrong key) is dropped and the start goes on. The backlog holds the
+        # processes' connections while a stray is handled.
+        with Listener(("127.0.0.1", 0), backlog=self.count + 16) as lst:
             env = {**self.env_defaults, **os.environ, "LLM_BENCH_AUTHKEY": key.hex(), "PYTHONPATH": os.pathsep.join(
                 _import_roots(self.module) + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
             for r in range(self.count):
@@ -122,11 +139,16 @@ class EngineProcesses:
                     self._fail(f"{self.name}s did not connect within 60 s", list(range(self.count)))
                 try:
                     conn = lst.accept()
-                    r = conn.recv()
                 except (TimeoutError, socket.timeout):
                     continue
+                try:
+                    with _recv_timeout(conn, 5.0):
+                        deliver_challenge(conn, key)
+                        answer_challenge(conn, key)
+                        r = conn.recv()
                 except (AuthenticationError, EOFError, OSError):
-                    continue  # a stray local connection without our key: dropped, the start goes on
+                    conn.close()  # a stray local connection without our key: dropped, the start goes on
+                    continue
                 if not isinstance(r, int) or not 0 <= r < self.count or r in conns:
                     conn.close()
                     continue
@@ -222,7 +244,7 @@ class EngineProcesses:
         logs = "\n".join(f"  {self.name} {r} log ({self.log(r)}):\n{self._log_tail(r)}" for r in which)
         self.dead = why
         try:
-            self.close()
+            self.close(keep_logs=kind not in ("config", "mode"))  # a refusal is no crash: its line says all
         except EngineError as e:  # a process that outlived SIGKILL: said beside the cause
             why = f"{why}; then {e}"
         where = ""
@@ -238,9 +260,10 @@ class EngineProcesses:
             raise EngineError(f"out of memory: {why}\n{logs}")
         raise EngineError(msg)
 
-    def close(self) -> None:
+    def close(self, keep_logs: bool | None = None) -> None:
         """Stop every process: ask, wait briefly, then SIGTERM and SIGKILL; then end what each one
-        started (its session), and raise if anything outlives SIGKILL. Safe to call twice."""
+        started (its session), and raise if anything outlives SIGKILL. Safe to call twice. The log
+        folder is removed unless `keep_logs` (default: kept after a failure, which names it)."""
         for conn in self.conns:
             try:
                 conn.send(("stop",))
@@ -267,8 +290,8 @@ class EngineProcesses:
         self.conns = []
         if not self.dead:
             self.dead = "closed"
-        if self.dead == "closed":  # a clean close: the logs hold nothing anyone needs
-            shutil.rmtree(self.logdir, ignore_errors=True)
+        if not (self.dead != "closed" if keep_logs is None else keep_logs):
+            shutil.rmtree(self.logdir, ignore_errors=True)  # a clean close: the logs hold nothing anyone needs
         _LIVE.discard(self)
         if left:
             raise EngineError(f"processes {left} started by the {self.name}(s) still run after SIGKILL "

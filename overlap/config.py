@@ -7,6 +7,7 @@ can run without a download; a local checkpoint directory gives real weights.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -97,8 +98,150 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+# Each weight's shape in config.json's terms (a norm: one dimension), the one table for loading
+# checkpoints, drawing random weights and the messages that name a mismatch.
+_WEIGHT_DIMS = {
+    "embed_tokens": ("vocab_size", "hidden_size"), "lm_head": ("vocab_size", "hidden_size"),
+    "q_proj": ("num_attention_heads*head_dim", "hidden_size"),
+    "k_proj": ("num_key_value_heads*head_dim", "hidden_size"),
+    "v_proj": ("num_key_value_heads*head_dim", "hidden_size"),
+    "o_proj": ("hidden_size", "num_attention_heads*head_dim"),
+    "gate_proj": ("intermediate_size", "hidden_size"), "up_proj": ("intermediate_size", "hidden_size"),
+    "down_proj": ("hidden_size", "intermediate_size"),
+}
+_LAYER_WEIGHTS = ("input_layernorm", "post_attention_layernorm", "self_attn.q_proj", "self_attn.k_proj",
+                  "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def weight_names(cfg: ModelConfig) -> list[str]:
+    """Every weight the model reads, in Hugging Face naming."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if cfg.tie_word_embeddings else ["lm_head.weight"])
+    return names + [f"model.layers.{i}.{w}.weight" for i in range(cfg.num_layers) for w in _LAYER_WEIGHTS]
+
+
+def weight_dims(name: str) -> tuple[str, ...]:
+    """Weight `name`'s dimensions in config.json's terms."""
+    return _WEIGHT_DIMS.get(name.split(".")[-2], ("hidden_size",))  # norms
+
+
+def weight_shape(cfg: ModelConfig, name: str) -> tuple[int, ...]:
+    """Weight `name`'s full (unsharded) shape under `cfg`."""
+    size = {"vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "head_dim": cfg.head_dim,
+            "intermediate_size": cfg.intermediate_size, "num_attention_heads": cfg.num_heads,
+            "num_key_value_heads": cfg.num_kv_heads}
+    return tuple(math.prod(size[f] for f in d.split("*")) for d in weight_dims(name))
+
+
+def shape_mismatch(cfg: ModelConfig, name: str, shape) -> str | None:
+    """Why a checkpoint tensor of `shape` cannot be weight `name` of `cfg` (None: it can)."""
+    want = weight_shape(cfg, name)
+    if tuple(shape) == want:
+        return None
+    return (f"tensor '{name}' has shape {list(shape)}, config.json gives {list(want)} "
+            f"({' x '.join(weight_dims(name))})")
+
+
+_MISSING = object()
+# Missing optional fields take transformers' LlamaConfig defaults, so the model is the one HF would build.
+_HF_DEFAULTS = {"rope_theta": 10000.0, "rms_norm_eps": 1e-6, "max_position_embeddings": 2048}
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _field(src: dict, where: str, key: str, kind, default=_MISSING):
+    """`src[key]` of type `kind` (int, float or bool; numbers > 0), or a ConfigError naming `where`
+    (the file, and the object inside it) and the field."""
+    v = src.get(key)
+    if v is None:
+        if default is _MISSING:
+            raise ConfigError(f"{where}: " + (f"field '{key}' is null" if key in src else f"missing field '{key}'"))
+        return default
+    ok = (isinstance(v, bool) if kind is bool else
+          isinstance(v, int) and not isinstance(v, bool) if kind is int else
+          isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v))
+    if not ok:
+        want = {int: "an integer", float: "a number", bool: "true or false"}[kind]
+        raise ConfigError(f"{where}: field '{key}' is {json.dumps(v)}: expected {want}")
+    if kind is not bool and v <= 0:
+        raise ConfigError(f"{where}: field '{key}' is {json.dumps(v)}: must be > 0")
+    return kind(v)
+
+
+def _rope(c: dict, where: str) -> tuple[float, dict]:
+    """RoPE base and Llama-3 scaling from `rope_parameters` (transformers >= 5) or `rope_theta` and
+    `rope_scaling` (earlier): plain RoPE or llama3 only; other scalings would change every logit."""
+    params = c.get("rope_parameters")
+    if params is not None:
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}: field 'rope_parameters' is {json.dumps(params)}: expected an object")
+        where, scaling = f"{where} rope_parameters", params
+        theta = _field(params, where, "rope_theta", float, _HF_DEFAULTS["rope_theta"])
+    else:
+        theta = _field(c, where, "rope_theta", float, _HF_DEFAULTS["rope_theta"])
+        scaling = c.get("rope_scaling") or {}
+        if not isinstance(scaling, dict):
+            raise ConfigError(f"{where}: field 'rope_scaling' is {json.dumps(scaling)}: expected an object")
+        where = f"{where} rope_scaling"
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in (None, "default", "llama3"):
+        raise ConfigError(f"{where}: rope_type {json.dumps(kind)} is not supported (plain RoPE or llama3)")
+    if kind == "default" or (kind is None and not any(k in scaling for k in _LLAMA3_KEYS)):
+        return theta, {}
+    rs = {k: _field(scaling, where, k, float) for k in _LLAMA3_KEYS}
+    if rs["high_freq_factor"] == rs["low_freq_factor"]:
+        raise ConfigError(f"{where}: high_freq_factor and low_freq_factor are both {rs['low_freq_factor']:g}: "
+                          "llama3 scaling needs them to differ")
+    return theta, rs
+
+
+def _read_config(cfg_file: Path) -> dict:
+    try:
+        c = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{cfg_file}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{cfg_file}: cannot be read ({e})") from None
+    if not isinstance(c, dict):
+        raise ConfigError(f"{cfg_file}: expected a JSON object, found {type(c).__name__}")
+    return c
+
+
+def check_checkpoint_tensors(cfg: ModelConfig, files: list[Path]) -> None:
+    """Every weight `cfg` needs is in `files`, of its shape and a float dtype, and nothing the model
+    would ignore silently (biases) is: read from the safetensors headers only, before any weight."""
+    from safetensors import SafetensorError, safe_open
+
+    needed = set(weight_names(cfg))
+    found: set[str] = set()
+    for f in files:
+        try:
+            h = safe_open(str(f), framework="numpy")
+            tensors = {k: h.get_slice(k) for k in h.keys()}
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"{f}: not a readable safetensors file ({e})") from None
+        for name, t in tensors.items():
+            if name.endswith(".bias"):
+                raise ConfigError(f"{f}: tensor '{name}': this engine's Llama has no biases, so the "
+                                  "checkpoint's model is not the one it would run")
+            if name not in needed:
+                continue
+            if t.get_dtype() not in _FLOAT_DTYPES:
+                raise ConfigError(f"{f}: tensor '{name}' is {t.get_dtype()}: only float weights "
+                                  f"({', '.join(_FLOAT_DTYPES)}) load")
+            why = shape_mismatch(cfg, name, t.get_shape())
+            if why:
+                raise ConfigError(f"{f}: {why}")
+            found.add(name)
+    missing = [n for n in weight_names(cfg) if n not in found]
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise ConfigError(f"{files[0].parent}: no tensor '{missing[0]}'{more} in its *.safetensors files")
+
+
 def from_hf_config(path: str | Path) -> ModelConfig:
-    """Read a Hugging Face Llama checkpoint directory's `config.json`."""
+    """A Hugging Face Llama checkpoint directory: `config.json` checked field by field, then the
+    safetensors headers checked against it. Every problem is one ConfigError naming the file and the
+    field (or tensor), before any weight is read or any process started."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not path.is_dir():
@@ -106,25 +249,46 @@ def from_hf_config(path: str | Path) -> ModelConfig:
     if not cfg_file.is_file():
         raise ConfigError(f"checkpoint directory '{path}' has no config.json: a Hugging Face Llama "
                           f"checkpoint needs config.json next to its *.safetensors files")
-    if not list(path.glob("*.safetensors")):
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
         raise ConfigError(f"checkpoint directory '{path}' has no *.safetensors files "
                           f"(only safetensors are loaded; pickled .bin files never are)")
-    c = json.loads(cfg_file.read_text())
-    rs = c.get("rope_scaling") or {}
-    if rs and rs.get("rope_type", rs.get("type")) not in ("llama3", None):
-        raise ConfigError(f"rope_scaling type {rs.get('rope_type')!r} is not supported (only llama3)")
-    return ModelConfig(
-        name=path.name, vocab_size=c["vocab_size"], hidden_size=c["hidden_size"],
-        intermediate_size=c["intermediate_size"], num_layers=c["num_hidden_layers"],
-        num_heads=c["num_attention_heads"],
-        num_kv_heads=c.get("num_key_value_heads", c["num_attention_heads"]),
-        rope_theta=float(c.get("rope_theta", 10000.0)), rms_norm_eps=float(c.get("rms_norm_eps", 1e-5)),
-        max_position_embeddings=c.get("max_position_embeddings", 8192),
-        tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
-        rope_scaling={k: rs[k] for k in ("factor", "low_freq_factor", "high_freq_factor",
-                                         "original_max_position_embeddings") if k in rs},
-        checkpoint=str(path.resolve()),
+    c = _read_config(cfg_file)
+    where = str(cfg_file)
+    if c.get("model_type", "llama") != "llama":
+        raise ConfigError(f"{where}: model_type {json.dumps(c['model_type'])} is not supported (llama only)")
+    for flag in ("attention_bias", "mlp_bias"):
+        if _field(c, where, flag, bool, False):
+            raise ConfigError(f"{where}: {flag} is true: this engine's Llama has no biases")
+    if c.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where}: hidden_act {json.dumps(c['hidden_act'])} is not supported (silu only)")
+    size = {k: _field(c, where, k, int) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                                                 "num_hidden_layers", "num_attention_heads")}
+    heads, hidden = size["num_attention_heads"], size["hidden_size"]
+    kv_heads = _field(c, where, "num_key_value_heads", int, heads)
+    if hidden % heads:
+        raise ConfigError(f"{where}: hidden_size {hidden} is not divisible by num_attention_heads {heads}")
+    if heads % kv_heads:
+        raise ConfigError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
+    head_dim = _field(c, where, "head_dim", int, hidden // heads)
+    if head_dim != hidden // heads:
+        raise ConfigError(f"{where}: head_dim {head_dim} differs from hidden_size / num_attention_heads = "
+                          f"{hidden // heads} (not supported)")
+    if head_dim % 2:
+        raise ConfigError(f"{where}: head dimension {head_dim} is odd: RoPE rotates pairs of values")
+    theta, rope_scaling = _rope(c, where)
+    cfg = ModelConfig(
+        name=path.name, vocab_size=size["vocab_size"], hidden_size=hidden,
+        intermediate_size=size["intermediate_size"], num_layers=size["num_hidden_layers"],
+        num_heads=heads, num_kv_heads=kv_heads, rope_theta=theta,
+        rms_norm_eps=_field(c, where, "rms_norm_eps", float, _HF_DEFAULTS["rms_norm_eps"]),
+        max_position_embeddings=_field(c, where, "max_position_embeddings", int,
+                                       _HF_DEFAULTS["max_position_embeddings"]),
+        tie_word_embeddings=_field(c, where, "tie_word_embeddings", bool, False),
+        rope_scaling=rope_scaling, checkpoint=str(path.resolve()),
     )
+    check_checkpoint_tensors(cfg, files)
+    return cfg
 
 
 def resolve_model(model: str) -> ModelConfig:

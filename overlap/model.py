@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import gemv, kernels
 from .comm import Comm
-from .config import ModelConfig
+from .config import ConfigError, ModelConfig, shape_mismatch, weight_names, weight_shape
 from .streams import StreamManager
 
 
@@ -176,7 +176,9 @@ class WeightSource:
     """Full-size weights by Hugging Face name, either from safetensors or seeded random numbers.
 
     Random weights are drawn per tensor from a seed derived from (seed, name) at full size and then
-    sliced, so every TP size sees the same model: TP=N must give TP=1's tokens."""
+    sliced, so every TP size sees the same model: TP=N must give TP=1's tokens. A checkpoint's
+    tensors were checked against its config when it was resolved (config.from_hf_config); each is
+    checked again as it is read, so a file changed since fails with its name, not a shape error."""
 
     def __init__(self, cfg: ModelConfig, seed: int, device: torch.device, dtype: torch.dtype):
         self.cfg, self.seed, self.device, self.dtype = cfg, seed, device, dtype
@@ -186,37 +188,29 @@ class WeightSource:
 
             from safetensors import safe_open
 
-            self._files = {}
+            self._files, self._paths = {}, {}
             for f in sorted(Path(cfg.checkpoint).glob("*.safetensors")):
                 h = safe_open(str(f), framework="pt", device="cpu")
                 for k in h.keys():
-                    self._files[k] = h
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        c, hd = self.cfg, self.cfg.head_dim
-        leaf = name.split(".")[-2]
-        return {
-            "embed_tokens": (c.vocab_size, c.hidden_size), "lm_head": (c.vocab_size, c.hidden_size),
-            "q_proj": (c.num_heads * hd, c.hidden_size), "k_proj": (c.num_kv_heads * hd, c.hidden_size),
-            "v_proj": (c.num_kv_heads * hd, c.hidden_size), "o_proj": (c.hidden_size, c.num_heads * hd),
-            "gate_proj": (c.intermediate_size, c.hidden_size), "up_proj": (c.intermediate_size, c.hidden_size),
-            "down_proj": (c.hidden_size, c.intermediate_size),
-        }.get(leaf, (c.hidden_size,))  # norms
+                    self._files[k], self._paths[k] = h, f
 
     def get(self, name: str, dim: int | None = None, rank: int = 0, world: int = 1) -> torch.Tensor:
         """Shard `rank` of `world` of tensor `name` along `dim` (None = replicated)."""
         if self._files is not None:
             if name not in self._files:
-                raise KeyError(f"checkpoint {self.cfg.checkpoint} has no tensor '{name}'")
+                raise ConfigError(f"{self.cfg.checkpoint}: no tensor '{name}' in its *.safetensors files")
             sl = self._files[name].get_slice(name)
             full = sl.get_shape()
+            why = shape_mismatch(self.cfg, name, full)
+            if why:
+                raise ConfigError(f"{self._paths[name]}: {why}")
             if dim is None:
                 t = sl[:]
             else:
                 n = full[dim] // world
                 t = sl[rank * n:(rank + 1) * n] if dim == 0 else sl[:, rank * n:(rank + 1) * n]
             return t.to(device=self.device, dtype=self.dtype)
-        shape = self.shape(name)
+        shape = weight_shape(self.cfg, name)
         seed = int.from_bytes(hashlib.sha256(f"{self.seed}:{name}".encode()).digest()[:6], "little")
         g = torch.Generator(device=self.device).manual_seed(seed)
         if name.endswith("norm.weight"):
@@ -231,16 +225,7 @@ class WeightSource:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The full model in HF naming (for loading the same weights into transformers)."""
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
-        if not self.cfg.tie_word_embeddings:
-            names.append("lm_head.weight")
-        for i in range(self.cfg.num_layers):
-            p = f"model.layers.{i}."
-            names += [p + s for s in ("input_layernorm.weight", "post_attention_layernorm.weight",
-                                      "self_attn.q_proj.weight", "self_attn.k_proj.weight",
-                                      "self_attn.v_proj.weight", "self_attn.o_proj.weight",
-                                      "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")]
-        return {n: self.get(n) for n in names}
+        return {n: self.get(n) for n in weight_names(self.cfg)}
 
 
 class Layer:

@@ -15,8 +15,12 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: overlap is not installed
 
 from overlap.config import EngineConfig
 from llm_bench.engine import random_prompts

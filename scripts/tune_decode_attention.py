@@ -12,8 +12,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import sys
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: overlap is not installed
 
 from overlap import kernels
 from overlap.config import resolve_model

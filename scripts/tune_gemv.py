@@ -16,9 +16,13 @@ import argparse
 import itertools
 import functools
 import json
+import os
+import sys
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: overlap is not installed
 
 from overlap import gemv as G
 from overlap.config import resolve_model

@@ -13,10 +13,14 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
+import sys
 
 import torch
 import torch._dynamo
 import torch._inductor.config as inductor
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: overlap is not installed
 
 from overlap.model import add_rms_norm
 from tune_decode_attention import per_call_us  # scripts/ is on sys.path when run as a script

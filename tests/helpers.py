@@ -1,5 +1,7 @@
-"""Helpers of the suite's own tests: run pytest in a subprocess as a user would; is a process alive."""
+"""Helpers of the suite's own tests: run pytest in a subprocess as a user would; is a process alive;
+a clean copy of the checkout."""
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -26,3 +28,14 @@ def alive(pid: int) -> bool:
     """Whether `pid` runs (a zombie counts as dead: it holds no GPU, no socket)."""
     stat = proc_stat(pid)
     return stat is not None and stat[0] != "Z"
+
+
+def copy_checkout(dest: Path) -> None:
+    """This checkout's files as they are on disk (tracked, and new ones git does not ignore) copied to
+    `dest`: a clean source tree, without build folders or caches."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            check=True, capture_output=True, text=True).stdout
+    for f in filter(None, listed.split("\0")):
+        if (ROOT / f).is_file():
+            (dest / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / f, dest / f)
