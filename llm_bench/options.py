@@ -124,8 +124,8 @@ class Option:
         def parse(text: str):
             try:
                 return self.check_one(text)
-            except OptionError as e:  # argparse prefixes "argument --flag:" itself
-                raise argparse.ArgumentTypeError(str(e).split(": ", 1)[1]) from None
+            except OptionError as e:  # argparse prefixes "argument --flag:" itself; the value follows
+                raise argparse.ArgumentTypeError(f"{str(e).split(': ', 1)[1]}, got {text!r}") from None
         parse.__name__ = {int: "int", float: "float"}.get(self.type, "value")
         kw.update(type=parse, default=None)
         if self.many:

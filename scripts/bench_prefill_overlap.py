@@ -49,6 +49,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # `overlap` from the checkout
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -299,7 +301,7 @@ class ProcessGroupAllReduce:
         return part
 
 
-from overlap.ce_allreduce import CopyEngineAllReduce  # noqa: E402 - the engine's own
+from overlap.ce_allreduce import CopyEngineAllReduce  # noqa: E402 - the engine's own, after the path
 
 
 class NoAllReduce:

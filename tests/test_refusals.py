@@ -20,13 +20,13 @@ from tests.helpers import ROOT, run_pytest
 # -- pytest options ----------------------------------------------------------------------------------
 PRESETS = "tiny, llama3-1b, llama3-8b, llama3-70b"
 REFUSED = [
-    (["--llm-max-tokens", "0"], "error: argument --llm-max-tokens/--max-tokens: must be >= 1"),
-    (["--max-tokens", "0"], "error: argument --llm-max-tokens/--max-tokens: must be >= 1"),
-    (["--llm-prompt-len", "0"], "error: argument --llm-prompt-len: must be >= 1"),
-    (["--llm-num-runs", "0"], "error: argument --llm-num-runs/--num-runs: must be >= 1 and <= 100000"),
+    (["--llm-max-tokens", "0"], "error: argument --llm-max-tokens/--max-tokens: must be >= 1, got '0'"),
+    (["--max-tokens", "0"], "error: argument --llm-max-tokens/--max-tokens: must be >= 1, got '0'"),
+    (["--llm-prompt-len", "0"], "error: argument --llm-prompt-len: must be >= 1, got '0'"),
+    (["--llm-num-runs", "0"], "error: argument --llm-num-runs/--num-runs: must be >= 1 and <= 100000, got '0'"),
     (["--llm-warmup-runs", "-1"], "error: argument --llm-warmup-runs/--warmup-runs: must be >= 0 and <= 100000"),
-    (["--llm-batch-sizes", "1", "0"], "error: argument --llm-batch-sizes: must be >= 1 and <= 4096"),
-    (["--llm-max-tokens", "two"], "error: argument --llm-max-tokens/--max-tokens: expected an integer (>= 1)"),
+    (["--llm-batch-sizes", "1", "0"], "error: argument --llm-batch-sizes: must be >= 1 and <= 4096, got '0'"),
+    (["--llm-max-tokens", "two"], "error: argument --llm-max-tokens/--max-tokens: expected an integer (>= 1), got 'two'"),
     (["--llm-engine-timeout", "0"], "error: argument --llm-engine-timeout: must be > 0"),
     (["--llm-engine-timeout", "-3"], "error: argument --llm-engine-timeout: must be > 0"),
     (["--llm-model", "does-not-exist"],

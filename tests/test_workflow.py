@@ -18,7 +18,11 @@ from tests.helpers import ROOT, copy_checkout
 WORKFLOW = ROOT / ".github" / "workflows" / "gpu-bench.yml"
 # A multi-word marker expression in quotes: BENCH_ARGS must be split like a command line.
 TINY = ('-m "baseline and not mlc" --llm-tp-sizes 1 --llm-batch-sizes 1 --llm-prompt-len 4 '
-        '--llm-max-tokens 4 --llm-num-runs 2 --llm-warmup-runs 0')
+        '--llm-max-tokens 4 --llm-num-runs 7 --llm-warmup-runs 1')
+# 7 rounds a side: the gate can decide (with fewer its verdict is "cannot decide", exit 3). Three CPU
+# sessions of one commit can differ beyond any GPU threshold, so the Gate step may say REGRESSED
+# (exit 1) here: the test asks that it ran and decided, not what it decided.
+GATE_STEP = "Gate"
 # How GitHub runs a `run:` block on Linux, per `shell:` (https://docs.github.com/actions: jobs.<id>.steps[*].shell).
 SHELLS = {None: ["bash", "-e"], "bash": ["bash", "--noprofile", "--norc", "-eo", "pipefail"]}
 KNOWN_ACTIONS = ("actions/checkout@", "actions/upload-artifact@")
@@ -93,7 +97,8 @@ def test_the_gpu_workflow_runs_as_written(tmp_path):
         r = subprocess.run([*shell, str(script)], cwd=repo, env=step_env, capture_output=True, text=True,
                            timeout=600)
         took[name] = round(time.monotonic() - t0, 1)
-        assert r.returncode == 0, f"step '{name}' exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+        ok = (0, 1) if name == GATE_STEP else (0,)
+        assert r.returncode in ok, f"step '{name}' exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
         outputs[name] = r.stdout
     print("seconds per step:", took)
 
@@ -101,10 +106,11 @@ def test_the_gpu_workflow_runs_as_written(tmp_path):
     for run in ("base1", "base2", "pr"):
         data = json.loads((out / f"{run}.json").read_text())
         assert [b["name"] for b in data["benchmarks"]] == ["test_baseline[bs1]"], run
-        assert data["llm_bench"]["num_runs"] == 2 and data["llm_bench"]["max_tokens"] == 4
+        assert data["llm_bench"]["num_runs"] == 7 and data["llm_bench"]["max_tokens"] == 4
         assert (out / run / "runs.jsonl").is_file(), f"--llm-results-dir of {run} is not under out/"
     assert (out / "compare.csv").read_text().count("test_baseline[bs1]") == 3
-    assert "0 regressions" in outputs["Gate"], outputs["Gate"]
+    assert outputs[GATE_STEP].startswith(("llm-bench gate: PASS", "llm-bench gate: REGRESSED")), outputs[GATE_STEP]
+    assert "checks:" in outputs[GATE_STEP], outputs[GATE_STEP]
     assert (out / "report" / "index.md").is_file()
     upload = next(s for s in steps if s.get("uses", "").startswith("actions/upload-artifact@"))
     assert (repo / upload["with"]["path"]).is_dir()
