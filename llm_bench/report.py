@@ -79,7 +79,7 @@ def plot_speedup(plt, rows, path, st) -> bool:
     markers = dict(zip(batches, "osD^v<>p*h"))
     lines = ["-", "--", ":", "-."]
     top = 1.0
-    for (run, bs, model), es in sorted(groups.items(), key=lambda kv: (st.runs.index(kv[0][0]), kv[0][1] or 0)):
+    for (run, bs, _model), es in sorted(groups.items(), key=lambda kv: (st.runs.index(kv[0][0]), kv[0][1] or 0)):
         es.sort(key=lambda e: e["tp"])
         ax.plot([e["tp"] for e in es], [e["speedup"] for e in es], marker=markers.get(bs, "o"), color=st.colour[run],
                 ls=lines[batches.index(bs) % 4] if bs in batches else "-", label=f"{run} bs{bs}")

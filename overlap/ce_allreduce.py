@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+
 class CopyEngineAllReduce:
     """All-reduce of [n, hidden] rows (n a multiple of the world size) through `slots` symmetric
     buffers of up to `max_rows` rows; a caller may have its GEMM write into `dest(slot, n)` to save

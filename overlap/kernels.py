@@ -33,6 +33,9 @@ class Tuning(NamedTuple):
     attention_warps: int = 4
 
 
+DEFAULT_TUNING = Tuning()
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     """Why the Triton kernels cannot run on `device` in this process (None: they can)."""
     if triton is None:
@@ -168,7 +171,7 @@ if triton is not None:
 
 def decode_attention(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                      k_cache: torch.Tensor, v_cache: torch.Tensor, n_heads: int, n_kv: int,
-                     counters: torch.Tensor, tuning: Tuning = Tuning()) -> torch.Tensor:
+                     counters: torch.Tensor, tuning: Tuning = DEFAULT_TUNING) -> torch.Tensor:
     """Attention output [B, n_heads * D] for one new token per sequence.
 
     `qkv` [B, (n_heads + 2 n_kv) * D] is the QKV projection before RoPE, `cos`/`sin` the [max_seq, D]

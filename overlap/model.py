@@ -238,7 +238,7 @@ class TPLlama:
 
     def __init__(self, cfg: ModelConfig, comm: Comm, streams: StreamManager, *, max_batch: int,
                  max_seq: int, seed: int = 0, dtype: torch.dtype = torch.float32, compile: bool = False,
-                 decode_attention: str = "sdpa", gemv: str = "torch", tuning: kernels.Tuning = kernels.Tuning()):
+                 decode_attention: str = "sdpa", gemv: str = "torch", tuning: kernels.Tuning = kernels.DEFAULT_TUNING):
         cfg.check_tp(comm.world)
         self.cfg, self.comm, self.streams = cfg, comm, streams
         self.rank, self.world, self.device, self.dtype = comm.rank, comm.world, comm.device, dtype
@@ -287,7 +287,8 @@ class TPLlama:
         """Bytes of weights one decode step reads on this rank (the embedding is a row lookup)."""
         per_layer = sum(t.numel() * t.element_size() for L in self.layers
                         for t in (L.attn_norm, L.wqkv, L.wo, L.ffn_norm, L.w13, L.w2))
-        return per_layer + self.lm_head.numel() * self.lm_head.element_size() + self.norm.numel() * self.norm.element_size()
+        head = self.lm_head.numel() * self.lm_head.element_size()
+        return per_layer + head + self.norm.numel() * self.norm.element_size()
 
     def kv_bytes_per_token(self) -> int:
         """KV-cache bytes this rank reads per cached token per sequence, over all layers."""
@@ -403,7 +404,7 @@ class TPLlama:
         outs = self.hidden(tokens, pos, chunks)
         # The last position of each batch range: with sequence chunks only the last chunk has it.
         lasts = {}
-        for (b0, b1, s0, s1), (x, d, h) in zip(chunks, outs):
+        for (b0, _, _, s1), (x, d, h) in zip(chunks, outs):
             if s1 == tokens.shape[1]:
                 lasts[b0] = self._final(x[:, -1], None if d is None else d[:, -1], None if h is None else h[:, -1])
         h = torch.cat([lasts[k] for k in sorted(lasts)], dim=0) if len(lasts) > 1 else next(iter(lasts.values()))

@@ -84,7 +84,9 @@ def _methods(comm, lams: dict, part: torch.Tensor, x: torch.Tensor, w: torch.Ten
 
     def symm_norm():
         d = comm.all_reduce(part)
-        return gemv.add_rms_norm(x, d, w, EPS, pdl=pdl) if part.numel() == part.shape[-1] else add_rms_norm(x, d, w, EPS)
+        if part.numel() == part.shape[-1]:
+            return gemv.add_rms_norm(x, d, w, EPS, pdl=pdl)
+        return add_rms_norm(x, d, w, EPS)
     return {
         "symm": lambda: comm.all_reduce(part),
         "symm+norm": symm_norm,

@@ -180,7 +180,7 @@ def make_layers(s: Shape, n_layers: int, rank: int, world: int, batch: int, seq:
                 seed: int, full: bool):
     """This rank's shards of `n_layers` random layers (the same full-size draw on every rank, then
     sliced, so TP=`world` computes what one GPU would); with `full`, also the unsharded layers."""
-    hd, H, I = s.head_dim, s.hidden, s.inter
+    hd, H, inter = s.head_dim, s.hidden, s.inter
     nh, nkv, il = s.heads // world, s.kv_heads // world, s.inter // world
     shards, fulls = [], []
 
@@ -190,8 +190,10 @@ def make_layers(s: Shape, n_layers: int, rank: int, world: int, batch: int, seq:
         return (1.0 + 0.1 * t if norm else t.mul_(0.02)).to(dtype)
 
     for li in range(n_layers):
-        wq, wk, wv = draw("q", (s.heads * hd, H), li), draw("k", (s.kv_heads * hd, H), li), draw("v", (s.kv_heads * hd, H), li)
-        wo, gate, up, down = draw("o", (H, s.heads * hd), li), draw("g", (I, H), li), draw("u", (I, H), li), draw("d", (H, I), li)
+        wq, wk = draw("q", (s.heads * hd, H), li), draw("k", (s.kv_heads * hd, H), li)
+        wv = draw("v", (s.kv_heads * hd, H), li)
+        wo, gate = draw("o", (H, s.heads * hd), li), draw("g", (inter, H), li)
+        up, down = draw("u", (inter, H), li), draw("d", (H, inter), li)
         an, fn = draw("an", (H,), li, norm=True), draw("fn", (H,), li, norm=True)
 
         def rows(t, n):
@@ -208,7 +210,7 @@ def make_layers(s: Shape, n_layers: int, rank: int, world: int, batch: int, seq:
             vbuf=torch.zeros(kv_shape, dtype=dtype, device=device)))
         if full:
             fkv = (batch, s.kv_heads, seq, hd)
-            fulls.append(LayerW(attn_norm=an, ffn_norm=fn, nh=s.heads, nkv=s.kv_heads, hd=hd, inter=I,
+            fulls.append(LayerW(attn_norm=an, ffn_norm=fn, nh=s.heads, nkv=s.kv_heads, hd=hd, inter=inter,
                                 wqkv=torch.cat([wq, wk, wv]), wo=wo, w13=torch.cat([gate, up]), w2=down,
                                 kbuf=torch.zeros(fkv, dtype=dtype, device=device),
                                 vbuf=torch.zeros(fkv, dtype=dtype, device=device)))

@@ -20,10 +20,10 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: overlap is not installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout (overlap)
 
-from overlap.config import EngineConfig
 from llm_bench.engine import random_prompts
+from overlap.config import EngineConfig
 from overlap.model import EAGER
 from overlap.runner import Runner
 

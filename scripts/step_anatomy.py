@@ -23,10 +23,10 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: overlap is not installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout (overlap)
 
-from overlap.config import EngineConfig
 from llm_bench.engine import random_prompts
+from overlap.config import EngineConfig
 from overlap.model import matvec
 from overlap.runner import Runner
 
@@ -170,9 +170,11 @@ def main() -> None:
     kern = kernels(round_, n - 1)
     nbytes = r.model.weight_bytes_per_step() + r.model.kv_bytes_per_token() * (p + n // 2) * b
     out = {
-        "variant": a.variant, "overlap": a.overlap, "decode_attention": a.decode_attention, "gemv": a.gemv, "pdl": not a.no_pdl,
+        "variant": a.variant, "overlap": a.overlap, "decode_attention": a.decode_attention, "gemv": a.gemv,
+        "pdl": not a.no_pdl,
         "split_swiglu": a.split_swiglu,
-        "attn_block_t": cfg.attention_block_t, "attn_warps": cfg.attention_warps, "model": a.model, "batch": b, "gpu": torch.cuda.get_device_name(0),
+        "attn_block_t": cfg.attention_block_t, "attn_warps": cfg.attention_warps, "model": a.model, "batch": b,
+        "gpu": torch.cuda.get_device_name(0),
         "torch": torch.__version__, "setup_s": round(t1 - t0, 1), "graph_build_s": round(build_s, 1),
         "copy_tb_per_s": r.copy_bw / 1e12, "bytes_per_step": nbytes,
         "tpot_ms": tpot, "step_gpu_ms": step_ms, "host_gap_ms": tpot - step_ms,

@@ -17,12 +17,13 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: overlap is not installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout (overlap)
+
+from step_anatomy import replay_ms  # scripts/ is on sys.path when run as a script
 
 from overlap import kernels
 from overlap.config import resolve_model
 from overlap.model import attend
-from step_anatomy import replay_ms  # scripts/ is on sys.path when run as a script
 
 
 def per_call_us(fn, calls: int = 200) -> float:
@@ -57,7 +58,8 @@ def main() -> None:
     pos = torch.tensor([a.pos], device=dev)
     counters = torch.zeros(B * KV, dtype=torch.int32, device=dev)
     shape = {"model": a.model, "tp": a.tp, "batch": B, "cache": T, "pos": a.pos, "gpu": torch.cuda.get_device_name()}
-    mask = torch.zeros(H // KV, T, device=dev, dtype=dt).masked_fill_(torch.arange(T, device=dev) > a.pos, float("-inf"))
+    past = torch.arange(T, device=dev) > a.pos
+    mask = torch.zeros(H // KV, T, device=dev, dtype=dt).masked_fill_(past, float("-inf"))
     sdpa = torch.compile(attend, fullgraph=True, dynamic=False)
     us = per_call_us(lambda: sdpa(qkv, kc, vc, cos[pos][None, :, None, :], sin[pos][None, :, None, :], pos, mask,
                                   H, KV, D))

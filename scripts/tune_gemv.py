@@ -13,8 +13,8 @@ by the count: us per call, and the weight's bytes over that (TB/s; the KB input 
 from __future__ import annotations
 
 import argparse
-import itertools
 import functools
+import itertools
 import json
 import os
 import sys
@@ -22,12 +22,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: overlap is not installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout (overlap)
+
+from tune_decode_attention import per_call_us  # scripts/ is on sys.path when run as a script
 
 from overlap import gemv as G
 from overlap.config import resolve_model
 from overlap.model import compiled_blocks, matvec, swiglu_up
-from tune_decode_attention import per_call_us  # scripts/ is on sys.path when run as a script
 
 GRID = [(bn, bk, w) for bn, bk, w in itertools.product((1, 2, 4, 8, 16, 32), (128, 256, 512, 1024), (1, 2, 4, 8))
         if 8 <= bn * bk // (32 * w) <= 128]  # elements per thread: one 16-byte load up to 128 accumulators

@@ -20,10 +20,11 @@ import torch
 import torch._dynamo
 import torch._inductor.config as inductor
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout: overlap is not installed
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the checkout (overlap)
+
+from tune_decode_attention import per_call_us  # scripts/ is on sys.path when run as a script
 
 from overlap.model import add_rms_norm
-from tune_decode_attention import per_call_us  # scripts/ is on sys.path when run as a script
 
 
 def main() -> None:

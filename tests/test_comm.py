@@ -10,10 +10,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from llm_bench.procs import free_port
 from overlap.comm import SYMM_MAX_BYTES, Comm
 from overlap.config import EngineConfig
 from overlap.engine import TPEngine
-from llm_bench.procs import free_port
 
 SHAPES = [(1, 1, 64), (16, 1, 4096), (3, 5, 7), (SYMM_MAX_BYTES // 4 + 1,)]  # the last is over the limit
 

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
+from llm_bench.engine import random_prompts
 from overlap.config import EngineConfig
 from overlap.engine import TPEngine, visible_gpus
-from llm_bench.engine import random_prompts
 from overlap.streams import MODES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(visible_gpus() < 2, reason="needs 2 CUDA GPUs")]

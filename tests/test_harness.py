@@ -41,7 +41,8 @@ def test_save_and_json_together_and_pytest_benchmark_compare(tmp_path):
     assert "gpu" in s["machine_info"] and "hz_actual" not in s["machine_info"].get("cpu", {})
     assert "parallel-llm-bench" in r1.stdout and "TTFT ms" in r1.stdout
     cli = "import sys; from pytest_benchmark.cli import main; sys.argv[0] = 'pytest-benchmark'; main()"
-    cmp = subprocess.run([sys.executable, "-c", cli, "--storage", f"file://{storage}", "compare", "0001", "0002"], cwd=ROOT, capture_output=True, text=True,
+    cmp = subprocess.run([sys.executable, "-c", cli, "--storage", f"file://{storage}", "compare", "0001", "0002"],
+                         cwd=ROOT, capture_output=True, text=True,
                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert cmp.returncode == 0, cmp.stderr
     assert "test_tensor_parallel[tp2-bs1]" in cmp.stdout

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
+from llm_bench.engine import random_prompts
 from overlap.config import PRESETS
 from overlap.engine import visible_gpus
-from llm_bench.engine import random_prompts
 
 triton = pytest.importorskip("triton", reason="Triton is not installed (pip install -e '.[dev]' installs it)")
 

@@ -3,8 +3,14 @@ import re
 
 import pytest
 
-from llm_bench.metrics import MeasurementError, bandwidth_use, decode_bytes_per_step, request_timings, summarize
-from llm_bench.metrics import derive_columns
+from llm_bench.metrics import (
+    MeasurementError,
+    bandwidth_use,
+    decode_bytes_per_step,
+    derive_columns,
+    request_timings,
+    summarize,
+)
 
 MS = 1_000_000
 

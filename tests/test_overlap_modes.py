@@ -4,11 +4,9 @@ import os
 
 import pytest
 
-from overlap.config import ConfigError
-from overlap.config import EngineConfig
+from llm_bench.engine import ModeNotApplicable, random_prompts
+from overlap.config import ConfigError, EngineConfig
 from overlap.engine import TPEngine
-from llm_bench.engine import random_prompts
-from llm_bench.engine import ModeNotApplicable
 from overlap.streams import MODES, Schedule, StreamManager
 from tests.helpers import proc_stat
 

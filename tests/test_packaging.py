@@ -110,7 +110,8 @@ def test_generate_runs_from_the_checkout(tmp_path):
     """The README's `python -m overlap.generate`, from the repository root, at TP=2."""
     r = subprocess.run([sys.executable, "-m", "overlap.generate", "--model", "tiny", "--tp", "2", "--device", "cpu",
                         "--prompt-len", "4", "--max-tokens", "3", "--engine-timeout", "120"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(_decoy(tmp_path))))
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(_decoy(tmp_path))))
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert '"tp": 2' in r.stdout
 
@@ -121,9 +122,10 @@ def test_benchmarks_run_from_another_folder(tmp_path):
     EngineProcesses gives them."""
     r = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", ROOT / "benchmarks", "-q",
                         "-k", "test_tensor_parallel", "--llm-tp-sizes", "2", "--llm-batch-sizes", "1",
-                        "--llm-prompt-len", "4", "--llm-max-tokens", "3", "--llm-num-runs", "1", "--llm-warmup-runs", "0",
-                        "--llm-results-dir", tmp_path / "res"], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=300, env=dict(os.environ, PYTHONPATH=str(_decoy(tmp_path))))
+                        "--llm-prompt-len", "4", "--llm-max-tokens", "3", "--llm-num-runs", "1",
+                        "--llm-warmup-runs", "0", "--llm-results-dir", tmp_path / "res"], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(_decoy(tmp_path))))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout, r.stdout[-500:]
 

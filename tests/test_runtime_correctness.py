@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from overlap.config import PRESETS, resolve_model
 from llm_bench.engine import random_prompts
+from overlap.config import PRESETS, resolve_model
 from overlap.model import WeightSource, greedy_local
 
 SEED = 3

@@ -9,9 +9,8 @@ import time
 
 import pytest
 
-from overlap.config import ConfigError, resolve_model
 from llm_bench.engine import EngineError
-from overlap.config import EngineConfig
+from overlap.config import ConfigError, EngineConfig, resolve_model
 from overlap.engine import TPEngine
 from overlap.generate import main as generate_main
 from tests.helpers import alive

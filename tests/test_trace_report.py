@@ -131,8 +131,8 @@ def test_end_of_run_table_has_a_legend_and_dashes_where_a_number_means_nothing()
 
 def test_profile_script_basic_mode_without_nvml(tmp_path):
     r = subprocess.run([str(ROOT / "scripts" / "profile_gpu.sh"), "-m", "basic", "-o", str(tmp_path), "--",
-                        "benchmarks", "-m", "baseline", "--llm-batch-sizes", "1", "--llm-prompt-len", "4", "--llm-max-tokens",
-                        "4", "--llm-num-runs", "1", "-q", "--llm-results-dir", str(tmp_path)],
+                        "benchmarks", "-m", "baseline", "--llm-batch-sizes", "1", "--llm-prompt-len", "4",
+                        "--llm-max-tokens", "4", "--llm-num-runs", "1", "-q", "--llm-results-dir", str(tmp_path)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "NVML is not available here" in r.stderr
@@ -145,9 +145,9 @@ def test_profile_script_basic_mode_without_nvml(tmp_path):
 
 
 def test_torch_profile_merges_ranks(tmp_path):
-    r = run_pytest(ROOT / "benchmarks", "-k", "test_tensor_parallel and tp2", "--llm-batch-sizes", "1", "--llm-prompt-len",
-                   "4", "--llm-max-tokens", "3", "--llm-num-runs", "1", "--llm-warmup-runs", "0", "--llm-torch-profile",
-                   "--llm-results-dir", tmp_path)
+    r = run_pytest(ROOT / "benchmarks", "-k", "test_tensor_parallel and tp2", "--llm-batch-sizes", "1",
+                   "--llm-prompt-len", "4", "--llm-max-tokens", "3", "--llm-num-runs", "1", "--llm-warmup-runs", "0",
+                   "--llm-torch-profile", "--llm-results-dir", tmp_path)
     assert r.returncode == 0, r.stdout[-2000:]
     d = json.loads((tmp_path / "traces" / "test_tensor_parallel_tp2-bs1-torch.json").read_text())
     pids = {e["pid"] for e in d["traceEvents"]}
