@@ -2,19 +2,12 @@
 results file (results/runs.jsonl). Exit status 2 with one line on stderr for every input error."""
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 from . import __version__
+from .options import OneLineParser as Parser
 from .storage import DataError
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse with its usage errors on one line (`llm-bench gate: error: ...`), exit 2."""
-
-    def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
 
 
 def main(argv: list[str] | None = None) -> int:

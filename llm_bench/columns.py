@@ -41,7 +41,7 @@ COLUMNS = (
            "higher"),
     Column("scaling_efficiency", "eff", "{:.2f}", "scaling efficiency: speedup x base TP / TP (1.00 = ideal)",
            "higher"),
-    Column("comm_share", "comm", "{:.0%}", "share of TPOT that is exposed communication (--profile-communication)",
+    Column("comm_share", "comm", "{:.0%}", "share of TPOT that is exposed communication (--llm-profile-communication)",
            None),
     Column("overlap_gain", "gain", "{:+.1%}", "TPOT(none) / TPOT(mode) - 1 at the same TP and batch", "higher"),
     Column("comm_hidden_share", "hidden", "{:.0%}", "share of none's exposed communication the mode hides", "higher"),

@@ -78,13 +78,21 @@ def parse_rule(text: str) -> Rule:
     return Rule(name, value, base.higher_is_worse, base.samples, absolute=True)
 
 
-def parse_rules(texts: list[str]) -> list[Rule]:
+def parse_rules(texts: list[str], only: bool = False) -> list[Rule]:
+    """The rules to gate: the defaults with each `--metric` replacing the default of its name or
+    adding one (so adding a metric never stops the defaults from being gated); with `only`, just the
+    `--metric` rules."""
     rules = [parse_rule(t) for t in texts]
     names = [r.metric for r in rules]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:
         raise DataError(f"--metric given twice for {', '.join(twice)}")
-    return rules or DEFAULT_RULES
+    if only:
+        if not rules:
+            raise DataError("--only-metrics needs at least one --metric")
+        return rules
+    given = {r.metric: r for r in rules}
+    return [given.pop(r.metric, r) for r in DEFAULT_RULES] + list(given.values())
 
 
 def check_alpha(alpha: float) -> float:
@@ -215,7 +223,9 @@ def add_parser(sub) -> None:
                    help="one run (file, id, runs.jsonl#SESSION); default: the latest stored run")
     p.add_argument("--metric", action="append", default=[], metavar="NAME:THRESHOLD",
                    help="e.g. tpot_ms_p50:5%% (relative) or scaling_efficiency:0.03 (absolute); known: "
-                        f"{', '.join(KNOWN)}; default: tpot/ttft p50 +5%%, tok_per_s -5%%, scaling_efficiency -0.03")
+                        f"{', '.join(KNOWN)}. Replaces the default of its name or adds a metric to the defaults "
+                        "(tpot/ttft p50 +5%%, tok_per_s -5%%, scaling_efficiency -0.03)")
+    p.add_argument("--only-metrics", action="store_true", help="gate only the --metric rules, not the defaults")
     p.add_argument("--alpha", type=float, default=0.002, help="significance level, in (0, 1); default 0.002")
     p.add_argument("--storage", default=".benchmarks")
     p.add_argument("--allow-different-machines", action="store_true")
@@ -224,7 +234,7 @@ def add_parser(sub) -> None:
 
 
 def run(a) -> int:
-    rules = parse_rules(a.metric)
+    rules = parse_rules(a.metric, a.only_metrics)
     alpha = check_alpha(a.alpha)
     base = load_runs(a.baseline, a.storage)
     cands = load_runs([a.candidate] if a.candidate else [], a.storage)

@@ -113,7 +113,8 @@ class Option:
     def argparse_kwargs(self, prefix_in_errors: str | None = None) -> dict:
         """Keyword arguments for argparse's / pytest's add_argument: the type function refuses bad
         values at parse time with this option's rule."""
-        kw: dict = {"help": self.help + self._default_help(), "dest": self.name}
+        rule = f" [{self.rule()}]" if self.rule() and not self.choices else ""
+        kw: dict = {"help": self.help + rule + self._default_help(), "dest": self.name}
         if self.type is bool:
             kw.update(action="store_true", default=False)
             return kw
@@ -134,6 +135,8 @@ class Option:
             kw["metavar"] = self.metavar
         elif self.choices:
             kw["metavar"] = "{" + ",".join(self.choices) + "}"
+        else:
+            kw["metavar"] = {int: "N", float: "X"}.get(self.type, "VALUE")
         return kw
 
     def _default_help(self) -> str:
@@ -207,6 +210,13 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("seed", "seed of the random weights and prompts", type=int, min=0, max=2**63 - 1, default=0,
            engine=True),
 )}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (`PROG: error: ...`), exit 2: every CLI of the suite."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (--help for usage)\n")
 
 
 def default(name: str, gpu: bool = False):

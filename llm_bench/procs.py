@@ -187,7 +187,7 @@ class EngineProcesses:
             left = deadline - time.monotonic()
             if left <= 0:
                 self._fail(f"no reply to {what} within {timeout:.0f} s from {self.name}(s) "
-                           f"{sorted(waiting.values())} (hung; raise --engine-timeout if this is a slow build)",
+                           f"{sorted(waiting.values())} (hung; raise --llm-engine-timeout if this is a slow build)",
                            sorted(waiting.values()))
             ready = wait(list(waiting) + list(sentinels), timeout=min(left, 1.0 if sentinels else 0.2))
             for obj in ready:

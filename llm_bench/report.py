@@ -140,7 +140,12 @@ def plot_latency(plt, rows, path, st) -> bool:
                        positions=[j + (i - (len(here) - 1) / 2) * w], widths=w * 0.8, showfliers=False,
                        patch_artist=True, manage_ticks=False, boxprops={"facecolor": c, "edgecolor": c},
                        medianprops={"color": "k", "lw": 1.5}, whiskerprops={"color": c}, capprops={"color": c})
-        ax.set_ylim(bottom=0)
+        lows = [r["extra_info"][f"{key}_p50"] for r in es if f"{key}_p50" in r["extra_info"]]
+        if lows and min(lows) > 0 and max(lows) / min(lows) > 20:  # e.g. 128- and 8192-token prompts together
+            ax.set_yscale("log")
+            title += ", log scale"
+        else:
+            ax.set_ylim(bottom=0)
         ax.grid(axis="y", alpha=0.3)
         ax.set(ylabel=title)
         if len(runs) > 1:
@@ -177,8 +182,9 @@ def _gain_bars(ax, es: list[dict], key: str, st, cmap, legend: bool = True) -> N
 def plot_overlap(plt, rows, path, st) -> bool:
     """Decode gain (TPOT) per mode, and beside it the prefill gain (TTFT) where a mode split the
     prefill (`pipeline-prefill` in overlap_applied): the only part of a mode that acts on TTFT."""
-    es = [r for r in rows if "overlap_gain" in r["extra_info"] and r["extra_info"].get("overlap") != "none"]
-    if not es:  # `none` is the reference: its gain is 0 by definition
+    es = [r for r in rows if "overlap_gain" in r["extra_info"] and r["extra_info"].get("overlap") != "none"
+          and set(str(r["extra_info"].get("overlap_applied", "")).split(",")) - {"pipeline-prefill", "none", ""}]
+    if not es:  # `none` is the reference (gain 0); a mode that split only the prefill changed no decode step
         return False
     pre = [r for r in rows if "prefill_overlap_gain" in r["extra_info"]
            and "pipeline-prefill" in str(r["extra_info"].get("overlap_applied", ""))]
@@ -190,7 +196,7 @@ def plot_overlap(plt, rows, path, st) -> bool:
     axes[0][0].set(ylabel="gain vs none (%)", title="Decode: TPOT(none) / TPOT(mode) - 1 (no bar: not run)")
     if pre:  # one legend for both panels, right of the second
         _gain_bars(axes[0][1], pre, "prefill_overlap_gain", st, cmap, legend=False)
-        axes[0][1].set(title="Prefill chunks: TTFT gain")
+        axes[0][1].set(title="Prefill chunks: TTFT gain", ylabel="gain vs none (%)")
         handles = {h.get_label(): h for ax in axes[0] for h in ax.get_legend_handles_labels()[0]}
         st.legend(axes[0][1], handles=list(handles.values()), title="mode")
     return _save(plt, fig, path)
@@ -254,6 +260,22 @@ def _gpu_line(run: dict) -> str | None:
             f"torch {gpu.get('torch')}, NCCL {gpu.get('nccl')}")
 
 
+# Engine options stored with each benchmark that change what a number means (one cell per run).
+OPTION_COLUMNS = ("allreduce", "compiled", "gemv", "decode_attention", "pdl", "pipeline_min_batch",
+                  "pipeline_min_tokens", "prefetch_mb", "prompt_len", "output_len", "rounds")
+
+
+def _options_line(run: dict) -> str:
+    """The engine options of `run`'s benchmarks, each with every value it took there."""
+    seen: dict[str, list] = {}
+    for b in run.get("benchmarks", []):
+        for k in OPTION_COLUMNS:
+            v = (b.get("extra_info") or {}).get(k)
+            if v is not None and v not in seen.setdefault(k, []):
+                seen[k].append(v)
+    return ", ".join(f"{k} {'/'.join(map(str, vs))}" for k, vs in seen.items() if vs)
+
+
 def make_report(runs: list[dict], out: str, command: str | None = None) -> list[str]:
     try:
         import matplotlib
@@ -270,8 +292,9 @@ def make_report(runs: list[dict], out: str, command: str | None = None) -> list[
         lines = ["# parallel-llm-bench report", ""]
         if command:
             lines += [f"Made with `{command}`.", ""]
-        lines += ["| run | file | GPUs |", "|---|---|---|"]
-        lines += [f"| {lab} | `{r['_path']}` | {_gpu_line(r) or '-'} |" for lab, r in zip(run_labels(runs), runs)]
+        lines += ["| run | file | GPUs | engine options |", "|---|---|---|---|"]
+        lines += [f"| {lab} | `{r['_path']}` | {_gpu_line(r) or '-'} | {_options_line(r) or '-'} |"
+                  for lab, r in zip(run_labels(runs), runs)]
         lines.append("")
         for f, cap in made:
             lines += [f"## {cap}", "", f"![{cap}]({f})", ""]

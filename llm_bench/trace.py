@@ -1,4 +1,4 @@
-"""`llm-bench trace TRACE.json...`: what a `--enable-trace` file says, in numbers: queue, prefill and
+"""`llm-bench trace TRACE.json...`: what a `--llm-enable-trace` file says, in numbers: queue, prefill and
 decode-step times of the requests; each rank's step time and how far apart the ranks finish a step
 (skew: a slow or late rank stalls every all-reduce); the comm-free variant's step and the
 communication share it implies; NVML utilisation and power per GPU. The same reading one would do by
@@ -17,14 +17,14 @@ from .tracefile import PID_CF, PID_GPU, PID_RANKS, PID_REQ
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("trace", help="summarise --enable-trace files: step times, rank skew, comm share, GPUs")
+    p = sub.add_parser("trace", help="summarise --llm-enable-trace files: step times, rank skew, comm share, GPUs")
     p.add_argument("traces", nargs="+", help="trace JSON files (results/traces/*.json)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(func=run)
 
 
 class NotOurs(DataError):
-    """A readable trace that --enable-trace did not write (MLC's, torch.profiler's)."""
+    """A readable trace that --llm-enable-trace did not write (MLC's, torch.profiler's)."""
 
 
 def _load(path: str) -> list[dict]:
@@ -39,7 +39,7 @@ def _load(path: str) -> list[dict]:
         and e["args"].get("name") == "requests"
         for e in events if isinstance(e, dict))
     if not ours:
-        raise NotOurs(f"{path}: not a parallel-llm-bench trace (MLC's own and --torch-profile traces "
+        raise NotOurs(f"{path}: not a parallel-llm-bench trace (MLC's own and --llm-torch-profile traces "
                       "open in https://ui.perfetto.dev)")
     for i, e in enumerate(events):
         why = _bad_event(e)
@@ -138,7 +138,7 @@ def run(a) -> int:
     if not result:
         raise DataError(skipped[0] if len(skipped) == 1 else
                         f"none of the {len(skipped)} files is a parallel-llm-bench trace (MLC's own and "
-                        "--torch-profile traces open in https://ui.perfetto.dev)")
+                        "--llm-torch-profile traces open in https://ui.perfetto.dev)")
     for why in skipped:
         print(f"llm-bench trace: skipped {why}", file=sys.stderr)
     if a.json:

@@ -3,8 +3,9 @@
 RMSNorm that follow it (overlap/allreduce_norm.py), and the comm-free no-op used to measure the
 communication share of a step (wrong numbers, same compute: a measurement tool only).
 
-Which path a call takes is decided in one place per kind: `_use_symm` for a plain all-reduce,
-`fused_reason` for all-reduce + add + RMSNorm; each fallback's reason is logged once.
+Which path a call takes is decided in one place per kind: `fused_reason` for all-reduce + add +
+RMSNorm (each fallback's reason logged once), `ce_reason` for a pipelined chunk's copy-engine path,
+and `all_reduce` for the rest (the symmetric-memory one-shot up to SYMM_MAX_BYTES, else NCCL/gloo).
 """
 from __future__ import annotations
 

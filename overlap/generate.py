@@ -15,7 +15,7 @@ from .engine import TPEngine
 
 
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="python -m overlap.generate", description=__doc__)
+    ap = options.OneLineParser(prog="python -m overlap.generate", description=__doc__)
     ap.add_argument("--model", type=str, default="tiny", help="preset name or local HF checkpoint directory")
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     options.add_single(ap, "--tp", "tp_sizes", "TP size", default=1)

@@ -89,14 +89,6 @@ DESCRIBE = {
 # ------------------------------------------------------------------------------------------------------
 # CLI
 # ------------------------------------------------------------------------------------------------------
-class OneLineParser(argparse.ArgumentParser):
-    """CLI errors are one line and exit 2 (the project's rule), not argparse's usage block."""
-
-    def error(self, message):
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
-
-
 def parse_args(argv=None) -> argparse.Namespace:
     p = OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
@@ -303,6 +295,7 @@ class ProcessGroupAllReduce:
         return part
 
 
+from llm_bench.options import OneLineParser  # noqa: E402
 from overlap.ce_allreduce import CopyEngineAllReduce  # noqa: E402 - the engine's own, after the path
 
 

@@ -2,7 +2,7 @@
 # One batch of GPU work for the device machine: smoke checks, then benchmark sweeps, results under
 # $OUT (or ./gpu-out). Usage and stages: scripts/gpu_sweep.sh --help
 STAGES="smoke baseline compile anatomy allreduce-bench prefill-bench gemv-tune attn-tune prefetch tp overlap
-        overlap70 tp70 peer gate trace"
+        tp-allreduce prefill-overlap decode-crossover overlap70 tp70 peer gate trace"
 usage() {
   cat <<USAGE
 usage: scripts/gpu_sweep.sh STAGE...      (results under \$OUT, default ./gpu-out)
@@ -18,7 +18,10 @@ stages, run in the order given:
   attn-tune        the decode-attention kernel's keys per block x warps
   prefetch         --llm-prefetch-mb sweep of the prefetch mode
   tp               llama3-8b TP scaling with communication shares
-  overlap          llama3-8b overlap modes at batches 1, 16, 64 (OVERLAP_TPS)
+  overlap          llama3-8b overlap modes at batches 1, 16, 64 (OVERLAP_TPS, default the largest TP here)
+  tp-allreduce     llama3-8b TP 1 and 2 with --llm-allreduce symm, then lamport (the sixth session's A/B)
+  prefill-overlap  none vs pipeline at batch 8 x prompt 1024, with communication shares
+  decode-crossover none vs pipeline (forced) at batches 64, 128, 256
   overlap70, tp70  the same for llama3-70b
   peer             Hugging Face transformers on the same shapes (scripts/hf_peer.py)
   gate             two sessions of one commit (A/A) and one with CUDA graphs off, gated
@@ -85,19 +88,32 @@ for stage in "$@"; do
       done ;;
     tp) $B -m tensor_parallel --llm-model llama3-8b --llm-tp-sizes $TPS --llm-batch-sizes 1 16 --llm-profile-communication \
           --benchmark-json $OUT/tp-8b.json ;;
-    overlap) $B -m overlap --llm-model llama3-8b --llm-tp-sizes ${OVERLAP_TPS:-4} --llm-batch-sizes 1 16 64 \
+    overlap) $B -m overlap --llm-model llama3-8b --llm-tp-sizes ${OVERLAP_TPS:-${TPS##* }} --llm-batch-sizes 1 16 64 \
           --llm-profile-communication --llm-num-runs 5 --llm-warmup-runs 2 --benchmark-json $OUT/overlap-8b.json ;;
+    tp-allreduce) for ar in symm lamport; do
+        $B -m "tensor_parallel or overlap" -k "not allreduce" --llm-model llama3-8b --llm-tp-sizes 1 2 \
+          --llm-batch-sizes 1 16 --llm-overlap-modes none double_buffer --llm-allreduce $ar --llm-num-runs 7 \
+          --llm-warmup-runs 2 --benchmark-json $OUT/tp-$ar.json | tail -14
+      done ;;
+    prefill-overlap) $B -k test_overlap --llm-model llama3-8b --llm-tp-sizes 2 --llm-batch-sizes 8 --llm-prompt-len 1024 \
+          --llm-max-tokens 16 --llm-overlap-modes none pipeline --llm-profile-communication --llm-num-runs 7 \
+          --llm-warmup-runs 2 --benchmark-json $OUT/prefill-overlap.json ;;
+    decode-crossover) $B -k test_overlap --llm-model llama3-8b --llm-tp-sizes 2 --llm-batch-sizes 64 128 256 \
+          --llm-overlap-modes none pipeline --llm-pipeline-min-batch 2 --llm-pipeline-min-tokens 1000000 \
+          --llm-num-runs 5 --llm-warmup-runs 1 --benchmark-json $OUT/decode-crossover.json ;;
     tp70) $B -k "test_tensor_parallel" --llm-model llama3-70b --llm-tp-sizes ${TP70:-2 4} --llm-batch-sizes 1 16 \
           --llm-profile-communication --llm-num-runs 5 --llm-warmup-runs 2 --benchmark-json $OUT/tp-70b.json ;;
     overlap70) $B -m overlap --llm-model llama3-70b --llm-tp-sizes 4 --llm-batch-sizes 1 16 64 --llm-overlap-modes none prefetch pipeline full \
           --llm-profile-communication --llm-num-runs 3 --llm-warmup-runs 1 --benchmark-json $OUT/overlap-70b.json ;;
     peer) $PY scripts/hf_peer.py --model llama3-8b | tee $OUT/hf-peer.json ;;
-    gate)  # two sessions of the same commit (A/A) and one with a real slowdown (CUDA graphs off)
+    gate)  # three sessions of one commit (two baselines and an A/A candidate) and a real slowdown (no graphs)
       G="$B -m baseline --llm-model llama3-8b --llm-batch-sizes 1 --llm-num-runs 10"
-      $G --benchmark-json $OUT/gate-a1.json | tail -1; $G --benchmark-json $OUT/gate-a2.json | tail -1
+      for s in a1 a2 a3; do $G --benchmark-json $OUT/gate-$s.json | tail -1; done
       $G --llm-no-cuda-graphs --benchmark-json $OUT/gate-slow.json | tail -1
-      $PY -m llm_bench.cli gate --baseline $OUT/gate-a1.json --candidate $OUT/gate-a2.json; echo "A/A exit $?"
-      $PY -m llm_bench.cli gate --baseline $OUT/gate-a1.json --candidate $OUT/gate-slow.json; echo "slowdown exit $?" ;;
+      $PY -m llm_bench.cli gate --baseline $OUT/gate-a1.json $OUT/gate-a2.json --candidate $OUT/gate-a3.json
+      echo "A/A exit $?"
+      $PY -m llm_bench.cli gate --baseline $OUT/gate-a1.json $OUT/gate-a2.json --candidate $OUT/gate-slow.json
+      echo "slowdown exit $?" ;;
     trace)
       R=$(mktemp -d)
       $PY -m pytest benchmarks -q -p no:cacheprovider -m "tensor_parallel or overlap" -k "not allreduce" \

@@ -7,10 +7,11 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 mode=basic; out=results/profiles; dur=""
-while getopts "m:o:d:h" opt; do
+case "${1:-}" in -h|--help) sed -n '2,6p' "$0" | cut -c3-; exit 0 ;; esac
+while getopts "m:o:d:" opt; do
   case $opt in
     m) mode=$OPTARG ;; o) out=$OPTARG ;; d) dur=$OPTARG ;;
-    *) sed -n '2,7p' "$0"; exit 2 ;;
+    *) sed -n '2,6p' "$0" | cut -c3- >&2; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1)); [ "${1:-}" = "--" ] && shift

@@ -97,3 +97,18 @@ def test_results_survive_a_crashing_engine(tmp_path):
     assert names == ["test_a_first", "test_c_after"]  # the engine was rebuilt for the test after the crash
     saved = json.loads((tmp_path / "out.json").read_text())
     assert sorted(b["name"] for b in saved["benchmarks"]) == ["test_a_first", "test_c_after"]
+
+
+def test_every_llm_flag_the_docs_and_scripts_spell_exists():
+    """A `--llm-*` flag written in the README, NOTES or a script must be one pytest knows
+    (`--llm-no-compile` once was not: argparse's own pair would have been `--no-llm-compile`)."""
+    import re
+
+    helptext = run_pytest("--help").stdout
+    known = set(re.findall(r"--llm-[a-z0-9-]+", helptext))
+    places = [ROOT / "README.md", ROOT / "NOTES-gpu.md", ROOT / ".ci" / "run",
+              ROOT / ".github" / "workflows" / "gpu-bench.yml", *sorted((ROOT / "scripts").glob("*.sh"))]
+    spelled = {(p.name, f) for p in places for f in re.findall(r"--llm-(?:\[no-\])?[a-z0-9-]+", p.read_text())}
+    unknown = sorted((name, f) for name, f in spelled if f.replace("[no-]", "") not in known
+                     or ("[no-]" in f and f.replace("[no-]", "no-") not in known))
+    assert not unknown, unknown
