@@ -346,7 +346,8 @@ def gate(base, cand: dict, rules: list[Rule], alpha: float = 0.002, allow_differ
             p = "-" if r["p"] is None else f"{r['p']:.2g}"
             nums = (f"{r['baseline']:.4g} -> {r['candidate']:.4g} ({_fmt(r['change'], r['absolute'])}, "
                     f"threshold {thr}, p={p})")
-        print(f"{r['status']:9} {r['benchmark']}  {r['metric']}: {nums} {r['note']}".rstrip(), file=out)
+        print(f"{r['status']:9} {r['benchmark']}  {r['metric']}: " + " ".join(x for x in (nums, r["note"]) if x),
+              file=out)
     for m in missing:
         print(f"MISSING   {m}", file=out)
     for n in not_gated:
