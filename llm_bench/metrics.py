@@ -3,16 +3,19 @@
 Per benchmark, from per-token timestamps (definitions follow vLLM's benchmarks/serve.py):
 - TTFT: submit to first token on the host.   - ITL: every gap between consecutive tokens (between
   streamed chunks where one chunk may carry several tokens, as vLLM's), pooled.
-- TPOT: (E2E - TTFT) / (n_out - 1) per request (undefined for 1-token outputs: left out).
+- TPOT: (E2E - TTFT) / (n_out - 1) per request (undefined for 1-token outputs, or every token in one
+  streamed chunk: left out).
 - E2E: submit to last token.                   - tok/s: output tokens over E2E (batch aggregate).
 - MBU: bytes one decode step must read per GPU / TPOT / copy bandwidth measured on the card.
 Across benchmarks of one run (`derive_columns`): speedup and scaling efficiency against the smallest
 TP, overlap gain against `none`, the communication share from a comm-free variant and the share of
 `none`'s communication an overlap mode hides. A number that cannot be true is not stored: the row
-gets a `<column>_note` saying why instead.
+gets a `<column>_note` saying why instead; so does a row whose inputs are not finite times above 0
+(a broken measurement never becomes a division by zero or a share outside [0, 1]).
 """
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 import numpy as np
@@ -22,6 +25,26 @@ PCTS = (25, 50, 75, 90, 99)  # 25/75 and min/max let the report draw box plots f
 
 class MeasurementError(AssertionError):
     """A number that cannot be true (e.g. bandwidth use above the measured peak): the measurement is broken."""
+
+
+def is_number(v) -> bool:
+    """An int or float (a bool is not a number here)."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def finite(v) -> bool:
+    """`v` is a number that converts to a finite float (not NaN, not infinite, not an int too large)."""
+    if not is_number(v):
+        return False
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:
+        return False
+
+
+def positive(v) -> bool:
+    """`v` is a finite number above 0: a time, a rate or an efficiency that can be divided by."""
+    return finite(v) and v > 0
 
 
 def request_timings(submit_ns: int, token_ns: list[int], n_out: int | None = None) -> dict:
@@ -38,8 +61,9 @@ def request_timings(submit_ns: int, token_ns: list[int], n_out: int | None = Non
     n = len(t) if n_out is None else n_out
     if n < len(t):
         raise MeasurementError(f"{len(t)} arrivals for {n} tokens: an arrival without a token")
+    # TPOT needs time between the first token and the last: none when every token came in one chunk.
     return {"ttft_ms": ttft, "e2e_ms": e2e, "itl_ms": (np.diff(t) / 1e6).tolist(), "n_out": n,
-            "tpot_ms": (e2e - ttft) / (n - 1) if n > 1 else None}
+            "tpot_ms": (e2e - ttft) / (n - 1) if n > 1 and e2e > ttft else None}
 
 
 def _stats(prefix: str, values, pcts=PCTS, mean=True) -> dict:
@@ -93,6 +117,9 @@ def decode_bytes_per_step(weight_bytes: int, kv_bytes_per_token: int, batch: int
 
 def bandwidth_use(bytes_per_step: float, tpot_ms: float, peak_bytes_per_s: float) -> float:
     """MBU = bytes per step / TPOT / measured peak copy bandwidth; above 1 is a broken measurement."""
+    if not (positive(tpot_ms) and positive(peak_bytes_per_s)):
+        raise MeasurementError(f"bandwidth use from TPOT {tpot_ms!r} ms and peak {peak_bytes_per_s!r} B/s: "
+                               "both must be finite and above 0")
     mbu = bytes_per_step / (tpot_ms / 1e3) / peak_bytes_per_s
     if mbu > 1.0:
         raise MeasurementError(
@@ -105,9 +132,10 @@ def bandwidth_use(bytes_per_step: float, tpot_ms: float, peak_bytes_per_s: float
 # -- communication shares ------------------------------------------------------------------------------
 def comm_share(t: float, t_comm_free: float) -> tuple[float | None, str | None]:
     """Share of a step that is exposed communication: (T - T_comm_free) / T, T_comm_free from the same
-    schedule with the collectives as no-ops. (None, why) when the comm-free variant was not faster."""
-    if not (t > 0 and t_comm_free > 0):
-        return None, "no positive time to compare"
+    schedule with the collectives as no-ops. Both in ms. (None, why) when the comm-free variant was not
+    faster, or when either is not a finite time above 0."""
+    if not (positive(t) and positive(t_comm_free)):
+        return None, f"times {t!r} ms and {t_comm_free!r} ms (comm-free): not both finite and above 0"
     if t_comm_free > t:
         return None, (f"the comm-free variant ({t_comm_free:.4g} ms) was slower than the real run "
                       f"({t:.4g} ms): no communication share can be read from that")
@@ -117,7 +145,11 @@ def comm_share(t: float, t_comm_free: float) -> tuple[float | None, str | None]:
 def hidden_share(mode: float, mode_cf: float, none: float, none_cf: float) -> tuple[float | None, str | None]:
     """Share of `none`'s exposed communication that a mode no longer exposes:
     1 - (T_mode - T_mode_comm_free) / (T_none - T_none_comm_free). In [0, 1] where defined; (None, why)
-    where there is nothing to hide or the mode exposes more (or less than no) communication."""
+    where there is nothing to hide or the mode exposes more (or less than no) communication, or where a
+    time is not finite and above 0."""
+    if not all(positive(x) for x in (mode, mode_cf, none, none_cf)):
+        return None, (f"times {mode!r}, {mode_cf!r} (comm-free) ms and none's {none!r}, {none_cf!r} ms: "
+                      "not all finite and above 0")
     exposed_none, exposed_mode = none - none_cf, mode - mode_cf
     if exposed_none <= 0:
         return None, f"`none` exposes no communication ({none:.4g} ms vs {none_cf:.4g} ms comm-free)"
@@ -144,8 +176,18 @@ def func_name(row: dict) -> str:
     return row["name"].split("[")[0]
 
 
+def _key(v):
+    """`v` as part of a grouping key: a list or dict (a malformed row) by its repr, not a TypeError."""
+    return v if v is None or isinstance(v, (str, int, float)) else repr(v)
+
+
 def _lengths(e: dict) -> tuple:
-    return (e.get("engine"), e.get("model"), e.get("batch_size"), e.get("prompt_len"), e.get("output_len"))
+    return tuple(_key(e.get(k)) for k in ("engine", "model", "batch_size", "prompt_len", "output_len"))
+
+
+def _tp(e: dict) -> int | None:
+    tp = e.get("tp")
+    return tp if isinstance(tp, int) and not isinstance(tp, bool) and tp > 0 else None
 
 
 def _set(e: dict, column: str, value_and_why: tuple) -> None:
@@ -176,7 +218,10 @@ def derive_columns(rows: list[dict]) -> None:
     for r in rows:
         e = r.get("extra_info") or {}
         if "tensor_parallel" in func_name(r) and "tp" in e and TPOT in e:
-            groups[(func_name(r), e.get("overlap")) + _lengths(e)].append(r)
+            if _tp(e) and positive(e[TPOT]):
+                groups[(func_name(r), _key(e.get("overlap"))) + _lengths(e)].append(r)
+            else:
+                e["scaling_efficiency_note"] = f"tp {e['tp']!r}, TPOT {e[TPOT]!r}: no speedup from these"
     for members in groups.values():
         base = min(members, key=lambda r: r["extra_info"]["tp"])["extra_info"]
         for r in members:
@@ -184,21 +229,24 @@ def derive_columns(rows: list[dict]) -> None:
             e["scaling_base_tp"] = base["tp"]
             e["speedup"] = base[TPOT] / e[TPOT]
             e["scaling_efficiency"] = e["speedup"] * base["tp"] / e["tp"]
-            if base.get("tok_per_s") and e.get("tok_per_s"):
+            if positive(base.get("tok_per_s")) and positive(e.get("tok_per_s")):
                 e["throughput_ratio"] = e["tok_per_s"] / base["tok_per_s"]
     nones = {}
     for r in rows:
         e = r.get("extra_info") or {}
         if "overlap" in func_name(r) and e.get("overlap") == "none":
-            nones[(func_name(r), e.get("tp")) + _lengths(e)] = e
+            nones[(func_name(r), _key(e.get("tp"))) + _lengths(e)] = e
     for r in rows:
         e = r.get("extra_info") or {}
-        ref = nones.get((func_name(r), e.get("tp")) + _lengths(e))
+        ref = nones.get((func_name(r), _key(e.get("tp"))) + _lengths(e))
         if ref is None or "overlap" not in func_name(r):
             continue
         for column, t in GAINS:
             if t in e and t in ref:
-                e[column] = ref[t] / e[t] - 1
+                if positive(e[t]) and positive(ref[t]):
+                    e[column] = ref[t] / e[t] - 1
+                else:
+                    e[column + "_note"] = f"{t} {e[t]!r} vs none's {ref[t]!r}: not both finite and above 0"
         for column, t, cf in HIDDEN:
             if e is not ref and all(k in x for x in (e, ref) for k in (t, cf)):
                 _set(e, column, hidden_share(e[t], e[cf], ref[t], ref[cf]))

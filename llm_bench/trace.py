@@ -6,12 +6,14 @@ eye in Perfetto, for every trace of a run at once."""
 from __future__ import annotations
 
 import json
+import math
+import reprlib
 import sys
 from collections import defaultdict
 
 import numpy as np
 
-from .metrics import comm_share
+from .metrics import comm_share, finite
 from .storage import DataError, json_safe
 from .tracefile import PID_CF, PID_GPU, PID_RANKS, PID_REQ
 
@@ -30,9 +32,14 @@ class NotOurs(DataError):
 def _load(path: str) -> list[dict]:
     try:
         with open(path) as f:
-            d = json.load(f)
-    except (OSError, ValueError) as e:
-        raise DataError(f"{path}: cannot read trace ({e})") from e
+            text = f.read()
+        if not text.strip():
+            raise DataError(f"{path}: empty: no trace was written (interrupted?)")
+        d = json.loads(text)
+    except RecursionError:
+        raise DataError(f"{path}: cannot read trace (nested too deeply)") from None
+    except (OSError, ValueError) as e:  # a 5000-digit integer: "Exceeds the limit (4300 digits) ..."
+        raise DataError(f"{path}: cannot read trace ({str(e).split(': value has')[0]})") from None
     events = d.get("traceEvents") if isinstance(d, dict) else None
     ours = isinstance(events, list) and any(
         e.get("ph") == "M" and e.get("pid") == PID_REQ and isinstance(e.get("args"), dict)
@@ -48,10 +55,6 @@ def _load(path: str) -> list[dict]:
     return events
 
 
-def _num(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _bad_event(e) -> str | None:
     """Why event `e` cannot be read as one of ours (None when it can): the fields `summarize` uses."""
     if not isinstance(e, dict):
@@ -59,8 +62,10 @@ def _bad_event(e) -> str | None:
     ph, pid = e.get("ph"), e.get("pid")
     if ph == "X" and pid in (PID_REQ, PID_CF, PID_RANKS):
         for k in ("ts", "dur"):
-            if not _num(e.get(k)):
-                return f"({e.get('name')!r}) has {k} {e.get(k)!r}, not a number"
+            if not finite(e.get(k)):
+                return f"({reprlib.repr(e.get('name'))}) has {k} {reprlib.repr(e.get(k))}, not a finite number"
+        if e["dur"] < 0:
+            return f"({reprlib.repr(e.get('name'))}) has dur {e['dur']!r}: a span cannot last less than 0"
         if not isinstance(e.get("name"), str):
             return "has no name"
         tid = e.get("tid")
@@ -72,9 +77,11 @@ def _bad_event(e) -> str | None:
         if pid == PID_RANKS and not all(isinstance(args.get(k), (int, type(None))) for k in ("round", "step")):
             return f"(rank step) has args {args!r}: round and step are not integers"
     elif ph == "C" and pid == PID_GPU:
-        args = e.get("args")
-        if not isinstance(args, dict) or not all(_num(v) for v in args.values()):
-            return f"(GPU counter) has args {args!r}, not numbers"
+        if not isinstance(e.get("name"), str):
+            return f"(GPU counter) has name {reprlib.repr(e.get('name'))}, not a string"
+        args = e.get("args")  # NaN: a column the GPU does not report (older traces); infinity: broken
+        if not isinstance(args, dict) or not all(finite(v) or v != v for v in args.values()):
+            return f"(GPU counter) has args {reprlib.repr(args)}, not finite numbers"
     return None
 
 
@@ -96,13 +103,14 @@ def summarize(events: list[dict]) -> dict:
             ends[(a.get("round"), a.get("step"))].append(float(e["ts"]) + float(e["dur"]))
         elif e.get("ph") == "C" and e.get("pid") == PID_GPU:
             for k, v in (e.get("args") or {}).items():
-                gpus[e["name"]][k].append(float(v))
+                if not math.isnan(v):
+                    gpus[e["name"]][k].append(float(v))
     decode, cf = spans[(PID_REQ, "decode")], spans[(PID_CF, "decode")]
     out = {"rounds": len(spans[(PID_REQ, "batch")]), "queue_ms_p50": _ms(spans[(PID_REQ, "queue")], 50),
            "prefill_ms_p50": _ms(spans[(PID_REQ, "prefill")], 50), "decode_step_ms_p50": _ms(decode, 50),
            "decode_step_ms_p99": _ms(decode, 99), "comm_free_step_ms_p50": _ms(cf, 50)}
-    if decode and cf:
-        share, why = comm_share(float(np.median(decode)), float(np.median(cf)))
+    if decode and cf:  # spans are in microseconds; the share and its note in milliseconds
+        share, why = comm_share(float(np.median(decode)) / 1e3, float(np.median(cf)) / 1e3)
         out["comm_share" if share is not None else "comm_share_note"] = share if share is not None else why
     out["rank_step_ms_p50"] = {f"rank {r}": _ms(v, 50) for r, v in sorted(rank_steps.items())}
     skews = [max(v) - min(v) for v in ends.values() if len(v) > 1]

@@ -99,8 +99,8 @@ CASES = [
      "argument --alpha: invalid float value: 'five'"),
     ("gate without --baseline", lambda t: ["gate"], 2, "the following arguments are required: --baseline"),
     ("gate NaN candidate value", lambda t: ["gate", "--baseline", _write(t / "a.json", valid_run()), "--candidate",
-                                            _broken(t, lambda r: _set(_ei(r), "tpot_ms_p50", float("nan")))], 1,
-     None),
+                                            _broken(t, lambda r: _set(_ei(r), "tpot_ms_p50", float("nan")))], 2,
+     "broken.json: test_tensor_parallel[tp1-bs1]: extra_info 'tpot_ms_p50' is nan, not a finite number"),
     ("gate 3 rounds a side", lambda t: ["gate", "--baseline", _write(t / "a.json", valid_run(n=3)), "--candidate",
                                         _write(t / "b.json", valid_run(10.0, n=3))], 3, None),
     ("gate interrupted benchmark (empty extra_info)",
@@ -178,10 +178,68 @@ CASES = [
     ("no such file", lambda t: ["compare", str(t / "nope.json")], 2, "not found"),
     ("another tool's JSON", lambda t: ["compare", _write(t / "a.json", {"peer": "hf"})], 2,
      "not a pytest-benchmark run"),
+    # numbers that cannot be true are refused where a run is read, naming file, benchmark and field
+    ("MBU above 1", lambda t: ["compare", _broken(t, lambda r: _set(_ei(r), "mbu", 3.5))], 2,
+     "broken.json: test_tensor_parallel[tp1-bs1]: extra_info 'mbu' is 3.5, out of range (MBU is in (0, 1])"),
+    ("TPOT negative", lambda t: ["compare", _broken(t, lambda r: _set(_ei(r), "tpot_ms_p50", -5.0))], 2,
+     "extra_info 'tpot_ms_p50' is -5.0, out of range (a time or a rate is above 0)"),
+    ("TPOT zero", lambda t: ["compare", _broken(t, lambda r: _set(_ei(r), "tpot_ms_p50", 0.0))], 2,
+     "extra_info 'tpot_ms_p50' is 0.0, out of range"),
+    ("TTFT infinite", lambda t: ["compare", _broken(t, lambda r: _set(_ei(r), "ttft_ms_p50", float("inf")))], 2,
+     "extra_info 'ttft_ms_p50' is inf, not a finite number"),
+    ("comm-free time a string", lambda t: ["compare", _broken(t, lambda r: _set(_ei(r), "tpot_ms_comm_free", "x"))], 2,
+     "extra_info 'tpot_ms_comm_free' is 'x', not a number"),
+    ("comm-free time infinite", lambda t: ["compare", _broken(t, lambda r: _set(_ei(r), "tpot_ms_comm_free",
+                                                                                float("inf")))], 2,
+     "extra_info 'tpot_ms_comm_free' is inf, not a finite number"),
+    ("a share above 1", lambda t: ["compare", _broken(t, lambda r: _set(_ei(r), "clock_held_down_share", 1.5))], 2,
+     "extra_info 'clock_held_down_share' is 1.5, out of range (a share is in [0, 1])"),
+    ("prompt_len a list", lambda t: ["compare", _broken(t, lambda r: _set(_ei(r), "prompt_len", [128]))], 2,
+     "extra_info 'prompt_len' is [128], not a positive integer"),
+    ("output_len zero", lambda t: ["report", _broken(t, lambda r: _set(_ei(r), "output_len", 0)), "--out",
+                                   str(t / "r")], 2, "extra_info 'output_len' is 0, not a positive integer"),
+    ("an integer too large for a float", lambda t: ["compare", _write(t / "big.json", json.dumps(valid_run()).replace(
+        '"ttft_ms_p50": 10.0', '"ttft_ms_p50": 1' + "0" * 400, 1))], 2,
+     "extra_info 'ttft_ms_p50' is 1" + "0" * 36 + "..., not a finite number"),
+    ("negative rounds", lambda t: ["gate", "--baseline", _write(t / "a.json", valid_run()), "--candidate",
+                                   _broken(t, lambda r: [_set(_ei(r), "tpot_ms_p50", -1.0),
+                                                         _set(_ei(r), "tpot_ms_rounds", [-1.0] * 10)])], 2,
+     "extra_info 'tpot_ms_p50' is -1.0, out of range"),
+    ("rounds holding 0", lambda t: ["gate", "--baseline", _broken(t, lambda r: _set(_ei(r), "tpot_ms_rounds",
+                                                                                    [5.0, 0.0, 5.0]))], 2,
+     "extra_info 'tpot_ms_rounds' is [5.0, 0.0, 5.0], holding 0.0, out of range"),
+    ("gate candidate TPOT 0", lambda t: ["gate", "--baseline", _write(t / "a.json", valid_run()), "--candidate",
+                                         _broken(t, lambda r: _set(_ei(r), "tpot_ms_p50", 0))], 2,
+     "extra_info 'tpot_ms_p50' is 0, out of range"),
+    ("gate baseline TPOT -1", lambda t: ["gate", "--baseline", _broken(t, lambda r: _set(_ei(r), "tpot_ms_p50", -1)),
+                                         "--candidate", _write(t / "b.json", valid_run())], 2,
+     "extra_info 'tpot_ms_p50' is -1, out of range"),
+    ("runs.jsonl with TPOT 0", lambda t: ["compare", _write(t / "runs.jsonl", json.dumps(
+        {"session": "s", **_bench("test_tensor_parallel[tp1-bs1]", 1, 0.0)}) + "\n")], 2,
+     "runs.jsonl#s: test_tensor_parallel[tp1-bs1]: extra_info 'tpot_ms_p50' is 0.0, out of range"),
+    ("report of MBU above 1", lambda t: ["report", _broken(t, lambda r: _set(_ei(r), "mbu", 3.5)), "--out",
+                                         str(t / "r")], 2, "extra_info 'mbu' is 3.5, out of range"),
+    # hostile JSON
+    ("JSON nested 200000 deep", lambda t: ["compare", _write(t / "deep.json", "[" * 200000)], 2,
+     "deep.json: not valid JSON (nested too deeply to read)"),
+    ("gate baseline nested 200000 deep", lambda t: ["gate", "--baseline", _write(t / "deep.json", "[" * 200000)], 2,
+     "deep.json: not valid JSON (nested too deeply to read)"),
+    ("JSON integer of 5000 digits",
+     lambda t: ["compare", _write(t / "big.json", '{"benchmarks": [' + "9" * 5000 + "]}")], 2,
+     "big.json: not valid JSON (Exceeds the limit (4300 digits) for integer string conversion)"),
+    ("runs.jsonl of one line nested 200000 deep", lambda t: ["compare", _write(t / "runs.jsonl", "[" * 200000)], 2,
+     "runs.jsonl: no readable record (line 1 not JSON)"),
+    ("trace nested 200000 deep", lambda t: ["trace", _write(t / "deep.json", "[" * 200000)], 2,
+     "deep.json: cannot read trace (nested too deeply)"),
+    ("trace integer of 5000 digits", lambda t: ["trace", _write(t / "big.json", "[" + "9" * 5000 + "]")], 2,
+     "big.json: cannot read trace (Exceeds the limit (4300 digits) for integer string conversion)"),
+    # an empty file: a run that stored nothing
+    ("empty --benchmark-json file", lambda t: ["compare", _write(t / "run.json", "")], 2,
+     "run.json: empty: the run stored nothing (interrupted, all skipped, or a usage error)"),
+    ("empty runs.jsonl", lambda t: ["gate", "--baseline", _write(t / "runs.jsonl", "\n")], 2,
+     "runs.jsonl: empty: the run stored nothing"),
+    ("empty trace", lambda t: ["trace", _write(t / "trace.json", "")], 2, "trace.json: empty"),
     # the live results file
-    ("runs.jsonl bad line in the middle", lambda t: ["compare", _write(t / "runs.jsonl", '{"session": "a"}\n{x\n'
-                                                                                         '{"session": "a"}\n')], 2,
-     "line 2: not JSON"),
     ("runs.jsonl record without session", lambda t: ["compare", _write(t / "runs.jsonl", '{"name": "x"}\n')], 2,
      "line 1: not a runs.jsonl record"),
     ("runs.jsonl unknown session", lambda t: ["compare", _records(t) + "#zzz"], 2, "session 'zzz' not found"),
@@ -190,7 +248,7 @@ CASES = [
      "runs.jsonl#a: benchmark 0 has no 'name'"),
     # trace
     ("trace event without dur", lambda t: ["trace", _trace(t, lambda ev: _del(ev[2], "dur"))], 2,
-     "event 2 ('decode') has dur None, not a number"),
+     "event 2 ('decode') has dur None, not a finite number"),
     ("trace string tid", lambda t: ["trace", _trace(t, lambda ev: _set(ev[3], "tid", "1"))], 2,
      "event 3 (rank step) has tid '1'"),
     ("trace event not an object", lambda t: ["trace", _trace(t, lambda ev: ev.append(3))], 2,
@@ -198,6 +256,19 @@ CASES = [
     ("trace of another tool", lambda t: ["trace", _write(t / "x.json", {"traceEvents": []})], 2,
      "not a parallel-llm-bench trace"),
     ("trace missing file", lambda t: ["trace", str(t / "none.json")], 2, "cannot read trace"),
+    ("trace GPU counter named by a list", lambda t: ["trace", _trace(t, lambda ev: ev.append(
+        {"name": ["gpu0"], "ph": "C", "pid": 4, "tid": 0, "ts": 30.0, "args": {"util_pct": 50.0}}))], 2,
+     "event 4 (GPU counter) has name ['gpu0'], not a string"),
+    ("trace GPU counter without name", lambda t: ["trace", _trace(t, lambda ev: ev.append(
+        {"ph": "C", "pid": 4, "tid": 0, "ts": 30.0, "args": {"util_pct": 50.0}}))], 2,
+     "event 4 (GPU counter) has name None, not a string"),
+    ("trace GPU counter infinite", lambda t: ["trace", _trace(t, lambda ev: ev.append(
+        {"name": "gpu0", "ph": "C", "pid": 4, "tid": 0, "ts": 30.0, "args": {"util_pct": float("inf")}}))], 2,
+     "event 4 (GPU counter) has args {'util_pct': inf}, not finite numbers"),
+    ("trace dur too large for a float", lambda t: ["trace", _trace(t, lambda ev: _set(ev[2], "dur", 10 ** 400))], 2,
+     "event 2 ('decode') has dur 1000000000000"),
+    ("trace negative dur", lambda t: ["trace", _trace(t, lambda ev: _set(ev[2], "dur", -1000.0))], 2,
+     "event 2 ('decode') has dur -1000.0: a span cannot last less than 0"),
     # the command line itself
     ("unknown subcommand", lambda t: ["bogus"], 2, "invalid choice: 'bogus'"),
     ("unknown option", lambda t: ["compare", "--colums", "x"], 2, "unrecognized arguments: --colums"),
@@ -251,7 +322,7 @@ def test_runs_jsonl_is_read_as_one_run_per_session(tmp_path, capsys):
     path = _records(tmp_path, tail='{"session": "20261126-110000-bbbbbb", "na')  # a crash cut the last line
     assert main(["compare", path, "--columns", "tpot_ms_p50,scaling_efficiency", "--json", "-"]) == 0
     cap = capsys.readouterr()
-    assert "line 7 is cut short" in cap.err and len(cap.err.strip().splitlines()) == 1
+    assert "runs.jsonl: skipped line 7, not JSON (cut short" in cap.err and len(cap.err.strip().splitlines()) == 1
     rows = json.loads(cap.out)
     runs = sorted({r["path"] for r in rows})
     assert runs == [f"{path}#20261126-100000-aaaaaa", f"{path}#20261126-110000-bbbbbb"]
@@ -300,3 +371,82 @@ def test_version(capsys):
 
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.strip() == f"llm-bench {__version__}"
+
+
+def test_stored_derived_columns_are_derived_again(tmp_path, capsys):
+    """A file that says comm_share 7 (700%), hidden share -2 and efficiency 9 is not believed: those
+    columns are derived again from the checked times, as the plugin derives them."""
+    run = valid_run()
+    e1, e2 = run["benchmarks"][0]["extra_info"], run["benchmarks"][1]["extra_info"]
+    e1.update(comm_share=7.0, comm_hidden_share=-2.0, scaling_efficiency=9.0)
+    e2.update(tpot_ms_comm_free=e2["tpot_ms_p50"] * 0.75, comm_share=7.0)
+    path = _write(tmp_path / "a.json", run)
+    assert main(["compare", path, "--json", "-"]) == 0
+    rows = {r["benchmark"]: r for r in json.loads(capsys.readouterr().out)}
+    tp1, tp2 = rows["test_tensor_parallel[tp1-bs1]"], rows["test_tensor_parallel[tp2-bs1]"]
+    assert tp1["comm_share"] is None and tp1["comm_hidden_share"] is None and tp1["scaling_efficiency"] == 1.0
+    assert tp2["comm_share"] == pytest.approx(0.25) and tp2["scaling_efficiency"] == pytest.approx(1 / 0.6 / 2)
+    assert main(["compare", path]) == 0
+    out = capsys.readouterr().out
+    assert "700%" not in out and "-200%" not in out and "25%" in out
+
+
+def test_gate_that_cannot_write_its_json_shows_no_verdict(tmp_path, capsys):
+    a = _write(tmp_path / "a.json", valid_run())
+    assert main(["gate", "--baseline", a, "--candidate", a, "--json", str(tmp_path / "no" / "v.json")]) == 2
+    cap = capsys.readouterr()
+    assert cap.out == "" and "PASS" not in cap.err, cap
+    assert cap.err.startswith("llm-bench gate: cannot write") and len(cap.err.strip().splitlines()) == 1
+
+
+def test_latest_run_across_machine_folders_is_the_latest_written(tmp_path, capsys):
+    """Two machine folders each end with a 0002 run: the latest is the one pytest-benchmark wrote last
+    (its `datetime`), not the one whose name sorts last; a tie, or no datetime, is refused naming both."""
+    s = tmp_path / "storage"
+    (s / "A").mkdir(parents=True)
+    (s / "B").mkdir()
+    old, new = valid_run(5.0), valid_run(7.0)
+    _write(s / "A" / "0001_x.json", dict(valid_run(1.0), datetime="2026-11-28T09:00:00+00:00"))
+    _write(s / "A" / "0002_x.json", dict(new, datetime="2026-11-27T10:00:00+00:00"))
+    _write(s / "B" / "0002_y.json", dict(old, datetime="2026-11-26T10:00:00+00:00"))
+    assert main(["compare", "--storage", str(s), "--json", "-"]) == 0
+    assert {r["path"] for r in json.loads(capsys.readouterr().out)} == {str(s / "A" / "0002_x.json")}
+    _write(s / "B" / "0002_y.json", dict(old, datetime="2026-11-27T11:00:00+01:00"))  # the same instant
+    assert main(["gate", "--storage", str(s), "--baseline", str(s / "A" / "0001_x.json")]) == 2
+    err = capsys.readouterr().err
+    assert "0002_x.json" in err and "0002_y.json" in err and "have the same datetime" in err, err
+    _write(s / "B" / "0002_y.json", old)
+    assert main(["compare", "--storage", str(s)]) == 2
+    err = capsys.readouterr().err
+    assert "B/0002_y.json has no readable 'datetime'" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_crash_cut_line_in_runs_jsonl_loses_only_itself(tmp_path, capsys):
+    """A crash cut session 1's last record short; session 2 appends after it. Its record starts on a
+    line of its own, and the reader skips the damaged line with one warning naming it."""
+    from llm_bench.storage import append_record, read_records
+
+    path = str(tmp_path / "runs.jsonl")
+    b1, b2 = valid_run()["benchmarks"][:2]
+    append_record(path, {"session": "s1", **b1})
+    with open(path, "a") as f:
+        f.write(json.dumps({"session": "s1", **b2})[:50])  # the crash: no newline
+    append_record(path, {"session": "s2", **b1})
+    append_record(path, {"session": "s2", **b2})
+    assert [r["session"] for r in read_records(path)] == ["s1", "s2", "s2"]
+    err = capsys.readouterr().err
+    assert err == f"llm-bench: warning: {path}: skipped line 2, not JSON (cut short by a crash while writing?)\n"
+    assert main(["compare", path + "#s2"]) == 0  # a damaged line between two good ones does not reject the file
+    assert "test_tensor_parallel[tp2-bs1]" in capsys.readouterr().out
+
+
+def test_trace_comm_free_note_is_in_milliseconds(tmp_path, capsys):
+    """Spans are stored in microseconds; the share's note speaks milliseconds: 60 ms, not 6e+04."""
+    def edit(ev):
+        ev[2]["dur"] = 55800.0
+        ev.append({"name": "process_name", "ph": "M", "pid": 3, "tid": 0, "args": {"name": "comm-free"}})
+        ev.append({"name": "decode", "ph": "X", "pid": 3, "tid": 1, "ts": 20.0, "dur": 60000.0})
+    assert main(["trace", _trace(tmp_path, edit), "--json"]) == 0
+    s = next(iter(json.loads(capsys.readouterr().out).values()))
+    assert s["decode_step_ms_p50"] == pytest.approx(55.8) and s["comm_free_step_ms_p50"] == pytest.approx(60.0)
+    assert "comm-free variant (60 ms) was slower than the real run (55.8 ms)" in s["comm_share_note"], s

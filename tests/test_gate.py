@@ -129,6 +129,8 @@ def test_a_a_of_two_real_cpu_runs_passes(tmp_path):
     (["--metric", "tpot_ms_p50:-5%"], "finite number above 0"),
     (["--metric", "tpot_ms_p50:inf"], "finite number above 0"),
     (["--metric", "tok_per_s:100%"], "could never fail"),
+    (["--metric", "scaling_efficiency:5"], "scaling_efficiency is at most about 1, so it cannot fall by 5"),
+    (["--metric", "scaling_efficiency:1"], "could never fail"),
     (["--metric", "tpot_ms_p50:5%", "--metric", "tpot_ms_p50:9%"], "given twice"),
     (["--alpha", "-1"], "between 0 and 1"),
     (["--alpha", "nan"], "between 0 and 1"),
@@ -211,15 +213,77 @@ def test_interrupted_benchmark_is_refused_with_the_reason():
     assert gate(base, cand, DEFAULT_RULES, out=out) == 2
     text = out.getvalue()
     assert text.startswith("llm-bench gate: ERROR:") and "empty extra_info: interrupted" in text.splitlines()[0]
-    # The plugin now drops such a benchmark and lists it: the gate says why it is missing.
+    # The plugin now drops such a benchmark and lists it: the gate says why it is missing, and fails.
     cand["benchmarks"] = []
-    cand["benchmarks"].append(_run([5.0] * 10, name="test_baseline[bs16]")["benchmarks"][0])
+    cand["benchmarks"].append(_run(5.0 + np.arange(10) * 0.01, name="test_baseline[bs16]")["benchmarks"][0])
     base["benchmarks"].append(copy.deepcopy(cand["benchmarks"][0]))
     cand["llm_bench_dropped"] = ["test_baseline[bs1]"]
     out = io.StringIO()
-    gate(base, cand, DEFAULT_RULES, out=out)
-    assert "only in baseline: benchmarks/test_baseline.py::test_baseline[bs1] (interrupted in the candidate run" \
-        in out.getvalue()
+    assert gate(base, cand, DEFAULT_RULES, out=out) == 2
+    first = out.getvalue().splitlines()[0]
+    assert first.startswith("llm-bench gate: ERROR: 1 of 2 checks could not be made (test_baseline[bs1]: "
+                            "interrupted in the candidate run (listed in its llm_bench_dropped)"), first
+
+
+def test_a_baseline_benchmark_missing_from_the_candidate_never_passes():
+    """Every benchmark of the candidate is as fast as the baseline's, but bs16 is not in it (not run,
+    or Ctrl-C'd): exit 2, naming it, never PASS. A benchmark only in the candidate is listed, and one
+    the baseline gates nothing of (the all-reduce latency without --metric) may be missing."""
+    rounds = 5.0 + np.arange(10) * 0.01
+    base = _run(rounds)
+    base["benchmarks"].append(_run(rounds, name="test_baseline[bs16]")["benchmarks"][0])
+    base["benchmarks"].append({"name": "test_allreduce_latency[tp2]", "fullname": "b.py::test_allreduce_latency[tp2]",
+                               "extra_info": {"allreduce_us_p50": 8.0, "allreduce_us_rounds": [8.0] * 10}})
+    cand = _run(rounds)
+    cand["benchmarks"].append(_run(rounds, name="test_baseline[bs64]")["benchmarks"][0])
+    out = io.StringIO()
+    assert gate(base, cand, DEFAULT_RULES, out=out) == 2
+    text = out.getvalue()
+    assert text.startswith("llm-bench gate: ERROR: 1 of 2 checks could not be made (test_baseline[bs16]: not in the "
+                           "candidate run (not selected, skipped or failed?); the baseline gates it"), text
+    assert "MISSING   only in candidate: benchmarks/test_baseline.py::test_baseline[bs64]" in text
+    assert "MISSING   only in baseline: b.py::test_allreduce_latency[tp2]" in text
+    assert gate(base, cand, DEFAULT_RULES + [parse_rule("allreduce_us_p50:10%")], out=io.StringIO()) == 2
+    del base["benchmarks"][1]
+    assert gate(base, cand, DEFAULT_RULES, out=io.StringIO()) == 0
+
+
+def test_values_that_cannot_be_measurements_never_pass():
+    """The plugin gates its session in memory, without storage's checks: a candidate TPOT of 0 or -1
+    (once PASS: "-100% is better") regresses; a baseline of -1 (once REGRESSED +1221.8%) and rounds of
+    -1 (once "no per-round samples") are errors; none of them is PASS."""
+    rounds = 5.0 + np.arange(10) * 0.01
+    for value in (0.0, -1.0, float("inf"), "5"):
+        cand = _run(rounds)
+        cand["benchmarks"][0]["extra_info"]["tpot_ms_p50"] = value
+        out = io.StringIO()
+        assert gate(_run(rounds), cand, DEFAULT_RULES, out=out) == 1, value
+        assert f"the candidate value is {value!r}, not a finite number above 0" in out.getvalue()
+    base = _run(rounds)
+    base["benchmarks"][0]["extra_info"]["tpot_ms_p50"] = -1.0
+    out = io.StringIO()
+    assert gate(base, _run(rounds), DEFAULT_RULES, out=out) == 2
+    assert "the baseline value is -1.0, not a finite number above 0" in out.getvalue().splitlines()[0]
+    for side in ("baseline", "candidate"):
+        runs = {"baseline": _run(rounds), "candidate": _run(rounds)}
+        runs[side]["benchmarks"][0]["extra_info"]["tpot_ms_rounds"] = [-1.0] * 10
+        out = io.StringIO()
+        assert gate(runs["baseline"], runs["candidate"], DEFAULT_RULES, out=out) == 2
+        assert f"'tpot_ms_rounds' in the {side} is [-1.0, -1.0, -1.0, -1.0, -1.0, -1.0, ...]: not all finite" \
+            in out.getvalue()
+
+
+def test_an_absolute_threshold_the_baseline_cannot_lose_is_an_error():
+    """Efficiency 0.4 with a threshold of 0.5: it would have to fall below 0 to fail."""
+    rounds = 5.0 + np.arange(10) * 0.01
+    base, cand = _run(rounds), _run(rounds * 3)
+    for r in (base, cand):
+        r["benchmarks"][0]["extra_info"].update(scaling_efficiency=0.4, scaling_base_tp=1)
+    cand["benchmarks"][0]["extra_info"]["scaling_efficiency"] = 0.1
+    out = io.StringIO()
+    assert gate(base, cand, [parse_rule("scaling_efficiency:0.5")], out=out) == 2
+    assert "would have to fall to -0.1 or below" in out.getvalue() and "could never fail" in out.getvalue()
+    assert gate(base, cand, [parse_rule("scaling_efficiency:0.2")], out=io.StringIO()) == 1
 
 
 def test_efficiency_that_falls_because_the_base_got_faster_regresses():
@@ -289,6 +353,16 @@ def test_gate_baseline_pytest_option(tmp_path):
     r = run_pytest(*common, "--llm-gate-baseline", tmp_path / "missing.json")
     assert r.returncode == 4 and "missing.json" in r.stderr, r.stdout[-2000:]  # refused before anything ran
     assert "passed" not in r.stdout
+
+
+def test_gate_baseline_pytest_option_refuses_hostile_json(tmp_path):
+    """A baseline of 200000 `[`: once RecursionError and pytest's INTERNALERROR; now a usage error."""
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 200000)
+    r = run_pytest(ROOT / "benchmarks", "-k", "test_baseline", "--llm-gate-baseline", deep,
+                   "--llm-results-dir", tmp_path)
+    assert r.returncode == 4 and "deep.json: not valid JSON (nested too deeply to read)" in r.stderr, r.stderr[-2000:]
+    assert "INTERNALERROR" not in r.stdout + r.stderr and "Traceback" not in r.stderr
 
 
 def test_a_metric_adds_to_the_defaults_unless_only_metrics():

@@ -119,3 +119,49 @@ def test_prefill_gain_and_hidden_share_come_from_ttft():
     e = rows[1]["extra_info"]
     assert e["prefill_overlap_gain"] == pytest.approx(110 / 100 - 1)
     assert e["prefill_comm_hidden_share"] == pytest.approx(1 - 7 / 14)
+
+
+@pytest.mark.parametrize("bad", [0.0, -5.0, float("inf"), float("nan"), "5", None, 10 ** 400])
+def test_derived_columns_from_broken_inputs_are_notes_not_numbers(bad):
+    """The plugin derives columns from live data: a TPOT or comm-free time that is 0, negative, not
+    finite or not a number gives a note, never a ZeroDivisionError, a TypeError or a share outside [0, 1]."""
+    rows = [_row("test_tensor_parallel[tp1-bs1]", tp=1, tpot_ms_p50=bad, tpot_ms_comm_free=8.0),
+            _row("test_tensor_parallel[tp2-bs1]", tp=2, tpot_ms_p50=6.0, tpot_ms_comm_free=bad),
+            _row("test_overlap[none-tp2-bs8]", tp=2, overlap="none", tpot_ms_p50=bad, tpot_ms_comm_free=8.0),
+            _row("test_overlap[full-tp2-bs8]", tp=2, overlap="full", tpot_ms_p50=9.0, tpot_ms_comm_free=bad)]
+    derive_columns(rows)
+    e = [r["extra_info"] for r in rows]
+    assert "comm_share" not in e[0] and "not both finite and above 0" in e[0]["comm_share_note"]
+    assert "comm_share" not in e[1] and "comm_share_note" in e[1]
+    assert "scaling_efficiency" not in e[0] and "no speedup" in e[0]["scaling_efficiency_note"]
+    assert e[1]["scaling_efficiency"] == 1.0  # TP=2 is its own base: the broken TP=1 is no base
+    assert "overlap_gain" not in e[3] and "overlap_gain_note" in e[3]
+    assert "comm_hidden_share" not in e[3] and "not all finite and above 0" in e[3]["comm_hidden_share_note"]
+
+
+def test_derived_columns_with_unhashable_lengths_do_not_raise():
+    rows = [_row("test_tensor_parallel[tp1-bs1]", tp=1, tpot_ms_p50=10.0, prompt_len=[8]),
+            _row("test_tensor_parallel[tp2-bs1]", tp=[2], tpot_ms_p50=6.0),
+            _row("test_overlap[none-tp2-bs8]", tp=[2], overlap="none", tpot_ms_p50=10.0, output_len={"a": 1})]
+    derive_columns(rows)
+    assert rows[0]["extra_info"]["scaling_efficiency"] == 1.0
+    assert "no speedup" in rows[1]["extra_info"]["scaling_efficiency_note"]
+
+
+def test_shares_of_broken_times_are_notes():
+    from llm_bench.metrics import comm_share, hidden_share
+
+    assert comm_share("10", 8.0)[0] is None and comm_share(float("inf"), 8.0)[0] is None
+    assert comm_share(10.0, 0.0)[0] is None and comm_share(10.0, 8.0) == (pytest.approx(0.2), None)
+    assert hidden_share(9.0, 8.0, float("inf"), 8.0)[0] is None and hidden_share(9.0, 8.0, 10.0, "8")[0] is None
+
+
+def test_bandwidth_use_of_a_zero_tpot_is_a_broken_measurement():
+    with pytest.raises(MeasurementError, match="both must be finite and above 0"):
+        bandwidth_use(1e9, 0.0, 4.2e12)
+
+
+def test_every_token_in_one_chunk_has_no_tpot():
+    """A stream that delivered 4 tokens in one chunk: E2E = TTFT, no time to divide: TPOT undefined, not 0."""
+    r = request_timings(0, [10 * MS], n_out=4)
+    assert r["tpot_ms"] is None and r["ttft_ms"] == r["e2e_ms"] == 10

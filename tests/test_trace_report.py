@@ -6,6 +6,7 @@ import json
 import shutil
 import subprocess
 from collections import defaultdict
+from pathlib import Path
 
 import pytest
 
@@ -30,8 +31,14 @@ def cpu_run(tmp_path_factory):
     return d
 
 
+def _trace_of(run_json, name: str) -> str:
+    """The trace file the run's JSON points to for benchmark `name`."""
+    run = json.loads(run_json.read_text())
+    return next(b["extra_info"]["trace_file"] for b in run["benchmarks"] if b["name"] == name)
+
+
 def test_trace_is_valid_chrome_trace(cpu_run):
-    path = cpu_run / "res" / "traces" / "test_tensor_parallel_tp2-bs2.json"
+    path = Path(_trace_of(cpu_run / "run.json", "test_tensor_parallel[tp2-bs2]"))
     events = json.loads(path.read_text())["traceEvents"]
     names = {e["args"]["name"] for e in events if e["ph"] == "M" and e["name"] == "process_name"}
     assert {"requests", "ranks"} <= names and any(n.startswith("comm-free") for n in names)
@@ -51,8 +58,24 @@ def test_trace_is_valid_chrome_trace(cpu_run):
     assert begins == sum(e["ph"] == "E" for e in events)
 
 
+def test_a_later_session_does_not_overwrite_an_earlier_sessions_trace(cpu_run, tmp_path):
+    """Each session's traces carry its id; a second session with the same results folder writes its
+    own, and the first run's stored `trace_file` still holds the first session's trace."""
+    first = _trace_of(cpu_run / "run.json", "test_tensor_parallel[tp2-bs2]")
+    session = json.loads((cpu_run / "run.json").read_text())["llm_bench"]["session"]
+    assert first.endswith(f"/traces/test_tensor_parallel_tp2-bs2-{session}.json"), first
+    before = Path(first).read_bytes()
+    r = run_pytest(ROOT / "benchmarks", "-k", "test_tensor_parallel and tp2", "--llm-batch-sizes", "2",
+                   "--llm-prompt-len", "4", "--llm-max-tokens", "3", "--llm-num-runs", "1", "--llm-warmup-runs", "0",
+                   "--llm-enable-trace", "--llm-results-dir", cpu_run / "res",
+                   f"--benchmark-json={tmp_path / 'run.json'}")
+    assert r.returncode == 0, r.stdout[-3000:]
+    second = _trace_of(tmp_path / "run.json", "test_tensor_parallel[tp2-bs2]")
+    assert second != first and Path(second).is_file() and Path(first).read_bytes() == before
+
+
 def test_trace_command_reads_steps_ranks_and_comm_share(cpu_run, tmp_path, capsys):
-    path = str(cpu_run / "res" / "traces" / "test_tensor_parallel_tp2-bs2.json")
+    path = _trace_of(cpu_run / "run.json", "test_tensor_parallel[tp2-bs2]")
     assert main(["trace", path, "--json"]) == 0
     s = json.loads(capsys.readouterr().out)[path]
     assert s["rounds"] == 2 and set(s["rank_step_ms_p50"]) == {"rank 0", "rank 1"}
@@ -149,9 +172,23 @@ def test_torch_profile_merges_ranks(tmp_path):
                    "--llm-prompt-len", "4", "--llm-max-tokens", "3", "--llm-num-runs", "1", "--llm-warmup-runs", "0",
                    "--llm-torch-profile", "--llm-results-dir", tmp_path)
     assert r.returncode == 0, r.stdout[-2000:]
-    d = json.loads((tmp_path / "traces" / "test_tensor_parallel_tp2-bs1-torch.json").read_text())
+    (path,) = (tmp_path / "traces").glob("test_tensor_parallel_tp2-bs1-torch-*.json")
+    d = json.loads(path.read_text())
     pids = {e["pid"] for e in d["traceEvents"]}
     assert {"rank 0", "rank 1"} <= pids
     assert any("all_reduce" in e.get("name", "") or "allreduce" in e.get("name", "").lower()
                for e in d["traceEvents"])
     assert not list((tmp_path / "traces").glob("*.rank*"))  # per-rank parts merged and removed
+
+
+def test_gpu_counters_the_gpu_does_not_report_are_left_out_of_the_trace():
+    """NVML columns a GPU does not report are NaN in the sampler: the trace leaves them out (strict
+    JSON for Perfetto) rather than writing NaN."""
+    from types import SimpleNamespace
+
+    from llm_bench.tracefile import _gpu_events
+
+    sampler = SimpleNamespace(indices=[0], times_ns=[1000], samples=[[(50.0, 8.0, float("nan"), 1700.0, 0.0)]])
+    counters = [e for e in _gpu_events(sampler) if e["ph"] == "C"]
+    assert counters[0]["args"] == {"util_pct": 50.0, "mem_gb": 8.0}
+    json.dumps(counters, allow_nan=False)
