@@ -176,7 +176,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     # -- what is recorded ----------------------------------------------------------------------------
     Option("enable_trace", "write a Chrome/Perfetto trace per benchmark", type=bool, alias=True),
     Option("torch_profile", "builtin: one extra generation per benchmark under torch.profiler, ranks merged "
-           "into <results-dir>/traces/<name>-torch.json", type=bool),
+           "into <results-dir>/traces/<name>-torch-<session>.json", type=bool),
     Option("profile_communication", "also run each TP>1 engine with collectives replaced by no-ops: "
            "stores comm_share (and comm_hidden_share for overlap modes)", type=bool, alias=True),
     Option("results_dir", "live results file (runs.jsonl) and traces", default="results", metavar="DIR"),
