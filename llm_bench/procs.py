@@ -99,8 +99,9 @@ def _handshake(conn, key: bytes, done: "queue.Queue") -> None:
         with _recv_timeout(conn, HANDSHAKE_S):
             deliver_challenge(conn, key)
             answer_challenge(conn, key)
-            done.put((conn, conn.recv(), None))
-            return
+            index = conn.recv()
+        done.put((conn, index, None))  # with no read deadline left on it
+        return
     except AuthenticationError:
         why = "failed authentication"
     except (EOFError, ConnectionError):

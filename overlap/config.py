@@ -243,7 +243,7 @@ def check_checkpoint_tensors(cfg: ModelConfig, files: list[Path]) -> None:
                 raise ConfigError(f"{f}: tensor '{name}' is of layer {layer.group(1)}, but config.json's "
                                   f"num_hidden_layers is {cfg.num_layers}: that layer would be left out silently")
             if name not in needed:
-                continue  # known extras that change nothing (rotary_emb.inv_freq, a tied lm_head's copy)
+                continue  # an extra that changes nothing (rotary_emb.inv_freq: RoPE is computed from config)
             if t.get_dtype() not in _FLOAT_DTYPES:
                 raise ConfigError(f"{f}: tensor '{name}' is {t.get_dtype()}: only float weights "
                                   f"({', '.join(_FLOAT_DTYPES)}) load")
