@@ -58,11 +58,11 @@ class Option:
         if self.choices:
             parts.append("one of " + ", ".join(map(str, self.choices)))
         if self.above is not None:
-            parts.append(f"> {self.above:g}")
+            parts.append(f"> {_bound(self.above)}")
         if self.min is not None:
-            parts.append(f">= {self.min:g}")
+            parts.append(f">= {_bound(self.min)}")
         if self.max is not None:
-            parts.append(f"<= {self.max:g}")
+            parts.append(f"<= {_bound(self.max)}")
         return " and ".join(parts)
 
     def check_one(self, value):
@@ -148,6 +148,11 @@ class Option:
         return f" (default: {_show(d)})"
 
 
+def _bound(v) -> str:
+    """A bound as written in a rule: whole numbers exactly (1048576, not 1.04858e+06)."""
+    return str(int(v)) if float(v).is_integer() else f"{v:g}"
+
+
 def _show(v) -> str:
     return " ".join(map(str, v)) if isinstance(v, (list, tuple)) else str(v)
 
@@ -183,14 +188,16 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("gate_baseline", "at session end, gate this run against stored run(s) (ids, files): exit 1 on a "
            "significant regression (the rules of `llm-bench gate`)", many=True, metavar="RUN"),
     Option("engine_timeout", "seconds before a silent engine is declared hung", type=float, above=0,
-           default=600.0, engine=True),
+           max=1e6, default=600.0, engine=True),
     # -- the built-in engine -------------------------------------------------------------------------
-    Option("allreduce", "builtin all-reduce: NCCL; symm (symmetric-memory one-shot); lamport (symm, and each "
-           "decode all-reduce fused with the next residual add + RMSNorm in one Lamport kernel); auto (the "
-           "fastest of these that works here)",
+    Option("allreduce", "builtin all-reduce: nccl (the process group's: NCCL on GPUs, gloo on CPU, which the "
+           "results record); symm (symmetric-memory one-shot, GPUs only); lamport (symm, and each decode "
+           "all-reduce fused with the next residual add + RMSNorm in one Lamport kernel); auto (the fastest of "
+           "these that works here)",
            choices=ALLREDUCE_CHOICES, default="auto", engine=True),
-    Option("num_streams", "builtin pipeline/full: micro-batches (decode) or chunks (prefill)", type=int, min=2,
-           max=64, default=2, engine=True, alias=True),
+    Option("num_streams", "builtin pipeline/full: micro-batches (decode) or chunks (prefill); at most one per "
+           "sequence (token) of the step, and the results record how many ran", type=int, min=2, max=64,
+           default=2, engine=True, alias=True),
     Option("pipeline_min_batch", "builtin pipeline/full: split decode steps into micro-batches from this batch "
            "size (below, each micro-batch re-reading the weights costs more than the all-reduce it hides)",
            type=int, min=2, max=1 << 20, default=ByDevice(2, 512), engine=True),

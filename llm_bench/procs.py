@@ -15,6 +15,7 @@ import atexit
 import ctypes
 import importlib.util
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -22,6 +23,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 import traceback
 import weakref
@@ -74,6 +76,56 @@ def _exit_waitable(proc: subprocess.Popen):
         return None
 
 
+CONNECT_S = 60.0      # for the processes to connect back at start-up
+HANDSHAKE_S = 5.0     # for one connection to authenticate (each in its own thread)
+MAX_HANDSHAKES = 64   # connections authenticating at once; more are dropped unread
+
+
+def _peer(conn) -> str:
+    """Where connection `conn` comes from (host:port), for naming a stray."""
+    try:
+        with socket.socket(fileno=os.dup(conn.fileno())) as sock:
+            host, port = sock.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "an unknown address"
+
+
+def _handshake(conn, key: bytes, done: "queue.Queue") -> None:
+    """Authenticate one connection both ways and read the index it says it is: put (conn, index, None)
+    on `done`, or close it and put (None, None, why it was dropped and where it came from)."""
+    peer = _peer(conn)
+    try:
+        with _recv_timeout(conn, HANDSHAKE_S):
+            deliver_challenge(conn, key)
+            answer_challenge(conn, key)
+            index = conn.recv()
+        done.put((conn, index, None))  # with no read deadline left on it
+        return
+    except AuthenticationError:
+        why = "failed authentication"
+    except (EOFError, ConnectionError):
+        why = "closed before authenticating"
+    except BlockingIOError:  # SO_RCVTIMEO ran out
+        why = f"silent for {HANDSHAKE_S:.0f} s"
+    except Exception as e:  # noqa: BLE001 - whatever a stray sent, it is dropped and said
+        why = f"{type(e).__name__}: {e}"
+    conn.close()
+    done.put((None, None, f"{why} from {peer}"))
+
+
+def _strays_said(strays: list[str], pending: int) -> str:
+    """What the start-up error says of other connections to the listener: the ranks may be blameless."""
+    said = []
+    if strays:
+        shown = "; ".join(strays[:3]) + (f"; and {len(strays) - 3} more" if len(strays) > 3 else "")
+        said.append(f"dropped {len(strays)} local connection(s) that were not the {{name}}s ({shown})")
+    if pending:
+        said.append(f"had {pending} connection(s) still authenticating")
+    return ("; meanwhile the start-up listener " + " and ".join(said) + " (another local process connecting "
+            "to this port?)") if said else ""
+
+
 _LIVE: "weakref.WeakSet[EngineProcesses]" = weakref.WeakSet()
 
 
@@ -114,10 +166,10 @@ class EngineProcesses:
     def _spawn(self, spec: dict) -> None:
         spec = {**spec, "parent_pid": os.getpid()}  # a child whose parent is already gone exits at once
         key = secrets.token_bytes(16)
-        # Authenticated here, one connection at a time with a deadline: a stray local connection
-        # (silent, garbage, a wrong key) is dropped and the start goes on. The backlog holds the
-        # processes' connections while a stray is handled.
-        with Listener(("127.0.0.1", 0), backlog=self.count + 16) as lst:
+        # Each connection is authenticated in a thread of its own with a deadline (HANDSHAKE_S), so
+        # stray local connections (silent, garbage, a wrong key) are dropped side by side while the
+        # processes connect; they are counted and named if the processes still do not connect in time.
+        with Listener(("127.0.0.1", 0), backlog=self.count + 64) as lst:
             env = {**self.env_defaults, **os.environ, "LLM_BENCH_AUTHKEY": key.hex(), "PYTHONPATH": os.pathsep.join(
                 _import_roots(self.module) + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
             for r in range(self.count):
@@ -128,32 +180,42 @@ class EngineProcesses:
                     start_new_session=True))
                 log.close()
             conns: dict[int, object] = {}
-            lst._listener._socket.settimeout(1.0)  # so dead children and the deadline are checked
-            deadline = time.monotonic() + 60
+            strays: list[str] = []             # why each dropped connection was dropped, and from where
+            done: queue.Queue = queue.Queue()  # (connection, index or None, why dropped)
+            pending = 0
+            lst._listener._socket.settimeout(0.1)  # so handshakes, dead children and the deadline are seen
+            deadline = time.monotonic() + CONNECT_S
             while len(conns) < self.count:
                 dead = [r for r, p in enumerate(self.procs) if p.poll() is not None]
                 if dead:
                     self._fail(f"{self.name} {dead[0]} exited with code {self.procs[dead[0]].returncode} "
                                "at start-up", dead)
                 if time.monotonic() > deadline:
-                    self._fail(f"{self.name}s did not connect within 60 s", list(range(self.count)))
+                    missing = [r for r in range(self.count) if r not in conns]
+                    self._fail(f"{self.name}(s) {missing} did not connect within {CONNECT_S:.0f} s"
+                               + _strays_said(strays, pending).format(name=self.name), missing)
                 try:
-                    conn = lst.accept()
-                except (TimeoutError, socket.timeout):
-                    continue
-                try:
-                    with _recv_timeout(conn, 5.0):
-                        deliver_challenge(conn, key)
-                        answer_challenge(conn, key)
-                        r = conn.recv()
-                except (AuthenticationError, EOFError, OSError):
-                    conn.close()  # a stray local connection without our key: dropped, the start goes on
-                    continue
-                if not isinstance(r, int) or not 0 <= r < self.count or r in conns:
-                    conn.close()
-                    continue
-                conn.send(spec)
-                conns[r] = conn
+                    conn = lst.accept()  # no key given to the Listener: authenticated by _handshake
+                except OSError:  # the 0.1 s timeout (or a transient accept error): look around again
+                    conn = None
+                if conn is not None:
+                    if pending >= MAX_HANDSHAKES:
+                        strays.append(f"more than {MAX_HANDSHAKES} at once, from {_peer(conn)}")
+                        conn.close()
+                    else:
+                        pending += 1
+                        threading.Thread(target=_handshake, args=(conn, key, done), daemon=True).start()
+                while not done.empty():
+                    conn, r, why = done.get()
+                    pending -= 1
+                    if conn is not None and (not isinstance(r, int) or not 0 <= r < self.count or r in conns):
+                        why = f"index {r!r}, which is not awaited, from {_peer(conn)}"
+                        conn.close()
+                    if why is not None:
+                        strays.append(why)
+                        continue
+                    conn.send(spec)
+                    conns[r] = conn
             self.conns = [conns[r] for r in range(self.count)]
         self._sentinels = [_exit_waitable(p) for p in self.procs]
 

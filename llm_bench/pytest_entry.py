@@ -1,30 +1,76 @@
 """pytest plugin of the installed package (entry point `pytest11`): `--benchmark-json` may name a
-folder that does not exist yet.
+folder that does not exist yet, and a run that stores nothing leaves an existing file as it was.
 
-pytest-benchmark declares that option `argparse.FileType('wb')`: argparse opens the file while it
-parses the command line, before any conftest is loaded, so a missing folder was a usage error (and a
-CI job that wrote `out/base1.json` got no JSON). An entry-point plugin is loaded before that parse:
-it wraps the option's conversion so that the parent folder is created first; the file is then opened
-by pytest-benchmark's own conversion, with its own error if it still cannot be. pytest keeps the
-option's keywords on its `Argument` (pytest 8 builds the argparse parser from them at each parse) and,
-from pytest 9, also adds the argparse action at once: both are wrapped. Found neither, nothing
-changes. This module imports nothing from pytest."""
+pytest-benchmark declares that option `argparse.FileType('wb')`: argparse opens (and truncates) the
+file while it parses the command line, before any conftest is loaded, so a missing folder was a usage
+error (and a CI job that wrote `out/base1.json` got no JSON), and a usage error anywhere else on the
+command line emptied the JSON of an earlier run. An entry-point plugin is loaded before that parse:
+it replaces the option's conversion with one that creates the parent folder, checks that the file
+can be written (without truncating it) and returns a file that is opened at its first write.
+pytest keeps the option's keywords on its `Argument` (pytest 8 builds the argparse parser from them
+at each parse) and, from pytest 9, also adds the argparse action at once: both are wrapped. Found
+neither, nothing changes. This module imports nothing from pytest."""
 from __future__ import annotations
 
+import argparse
 import os
 
 OPTION = "--benchmark-json"
 
 
+class OpenedAtFirstWrite:
+    """A binary file for writing that is opened (and truncated) at its first write, not before: what
+    pytest-benchmark does with its `--benchmark-json` file (`with f: f.write(...)`) is all it offers."""
+
+    def __init__(self, path: str):
+        self.name, self.mode, self._file = path, "wb", None
+
+    def write(self, data: bytes) -> int:
+        if self._file is None:
+            self._file = open(self.name, "wb")
+        return self._file.write(data)
+
+    def flush(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    @property
+    def closed(self) -> bool:
+        return self._file is not None and self._file.closed
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __str__(self) -> str:
+        return self.name
+
+    __fspath__ = __str__
+
+
 def with_folder(open_file):
-    """`open_file` (a path -> open file conversion) that first creates the path's parent folder."""
+    """A conversion for `--benchmark-json` in place of `open_file` (FileType('wb')): the parent folder
+    is created, the file checked to be writable as FileType would (its message), and returned unopened
+    (OpenedAtFirstWrite). `-` (stdout) is left to `open_file`."""
     def convert(path: str):
-        if path != "-":  # FileType's stdout
-            try:
-                os.makedirs(os.path.dirname(os.path.abspath(os.path.expanduser(path))), exist_ok=True)
-            except OSError:
-                pass  # open_file says why the file cannot be opened
-        return open_file(path)
+        if path == "-":
+            return open_file(path)
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(os.path.expanduser(path))), exist_ok=True)
+            existed = os.path.lexists(path)
+            with open(path, "ab"):  # appending truncates nothing
+                pass
+            if not existed:
+                os.remove(path)
+        except OSError as e:
+            raise argparse.ArgumentTypeError(f"can't open '{path}': {e}") from None
+        return OpenedAtFirstWrite(path)
     convert.creates_folder = True
     convert.__name__ = getattr(open_file, "__name__", type(open_file).__name__)
     return convert

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
@@ -206,13 +207,24 @@ def _read_config(cfg_file: Path) -> dict:
     return c
 
 
+_LAYER_INDEX = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def duplicate_tensor(name: str, first: Path, second: Path) -> str:
+    """The refusal of a tensor found in two files: which copy loads would depend on the file order."""
+    return (f"{second}: tensor '{name}' is also in {first}: a checkpoint holds each tensor once "
+            "(which copy would load depends on the order the files are read)")
+
+
 def check_checkpoint_tensors(cfg: ModelConfig, files: list[Path]) -> None:
-    """Every weight `cfg` needs is in `files`, of its shape and a float dtype, and nothing the model
-    would ignore silently (biases) is: read from the safetensors headers only, before any weight."""
+    """Every weight `cfg` needs is in `files` once, of its shape and a float dtype, and nothing the
+    model would ignore silently (biases, layers past num_hidden_layers, a second copy in another
+    file) is: read from the safetensors headers only, before any weight."""
     from safetensors import SafetensorError, safe_open
 
     needed = set(weight_names(cfg))
     found: set[str] = set()
+    where: dict[str, Path] = {}
     for f in files:
         try:
             h = safe_open(str(f), framework="numpy")
@@ -220,11 +232,18 @@ def check_checkpoint_tensors(cfg: ModelConfig, files: list[Path]) -> None:
         except (SafetensorError, OSError) as e:
             raise ConfigError(f"{f}: not a readable safetensors file ({e})") from None
         for name, t in tensors.items():
+            if name in where:
+                raise ConfigError(duplicate_tensor(name, where[name], f))
+            where[name] = f
             if name.endswith(".bias"):
                 raise ConfigError(f"{f}: tensor '{name}': this engine's Llama has no biases, so the "
                                   "checkpoint's model is not the one it would run")
+            layer = _LAYER_INDEX.match(name)
+            if layer and int(layer.group(1)) >= cfg.num_layers:
+                raise ConfigError(f"{f}: tensor '{name}' is of layer {layer.group(1)}, but config.json's "
+                                  f"num_hidden_layers is {cfg.num_layers}: that layer would be left out silently")
             if name not in needed:
-                continue
+                continue  # an extra that changes nothing (rotary_emb.inv_freq: RoPE is computed from config)
             if t.get_dtype() not in _FLOAT_DTYPES:
                 raise ConfigError(f"{f}: tensor '{name}' is {t.get_dtype()}: only float weights "
                                   f"({', '.join(_FLOAT_DTYPES)}) load")
@@ -242,10 +261,11 @@ def from_hf_config(path: str | Path) -> ModelConfig:
     """A Hugging Face Llama checkpoint directory: `config.json` checked field by field, then the
     safetensors headers checked against it. Every problem is one ConfigError naming the file and the
     field (or tensor), before any weight is read or any process started."""
-    path = Path(path)
+    given, path = str(path), Path(path)
     cfg_file = path / "config.json"
-    if not path.is_dir():
-        raise ConfigError(f"model '{path}' is neither a preset ({', '.join(PRESETS)}) nor a directory")
+    if not path.is_dir():  # named as given: Path() drops a trailing '/' ('tiny/' is no preset)
+        raise ConfigError(f"model '{given}' is not a directory (presets are named without a path: "
+                          f"{', '.join(PRESETS)})")
     if not cfg_file.is_file():
         raise ConfigError(f"checkpoint directory '{path}' has no config.json: a Hugging Face Llama "
                           f"checkpoint needs config.json next to its *.safetensors files")
@@ -301,6 +321,31 @@ def resolve_model(model: str) -> ModelConfig:
                       f"or a local Hugging Face checkpoint directory")
 
 
+def device_conflict(device: str, allreduce: str, decode_attention: str, gemv: str, cuda_graphs: bool | None,
+                    pdl: bool | None) -> str | None:
+    """Why an engine option asked for by name cannot run on `device` ("cpu" or "cuda"; None: each can),
+    as `--OPTION VALUE: why`: refused once, before any rank starts, rather than failing in every rank.
+    `nccl` on CPU is the process group's all-reduce there (gloo), which the results record."""
+    if device == "cpu":
+        if allreduce in ("symm", "lamport"):
+            return (f"--allreduce {allreduce}: '{allreduce}' needs CUDA GPUs (symmetric memory); on CPU the "
+                    "all-reduce is the process group's, gloo (use auto or nccl)")
+        if cuda_graphs:
+            return "--cuda-graphs: CUDA graphs need a CUDA device; the engine runs on cpu"
+        if pdl:
+            return "--pdl: programmatic dependent launch needs a CUDA GPU (Hopper or later); the engine runs on cpu"
+    for name, choice in (("decode_attention", decode_attention), ("gemv", gemv)):
+        if choice == "triton":
+            import torch
+
+            from .kernels import unavailable_reason
+
+            why = unavailable_reason(torch.device(device))
+            if why:
+                return f"--{name.replace('_', '-')} triton: {why}"
+    return None
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """One built-in engine: model, TP size, overlap mode, the shapes it serves, and every engine option
@@ -345,6 +390,10 @@ class EngineConfig:
             raise ConfigError(f"device must be 'cpu' or 'cuda', got {self.device!r}")
         if self.max_seq < 2:
             raise ConfigError(f"max_seq must be >= 2 (a prompt token and an output token), got {self.max_seq}")
+        why = device_conflict(self.device, self.allreduce, self.decode_attention, self.gemv, self.cuda_graphs,
+                              self.pdl)
+        if why:
+            raise ConfigError(why)
 
     def resolved(self) -> "EngineConfig":
         """Device-dependent choices made: bf16, torch.compile, CUDA graphs and PDL on CUDA; fp32 and
@@ -355,7 +404,7 @@ class EngineConfig:
             self, batch_sizes=tuple(sorted(set(int(b) for b in self.batch_sizes))),
             dtype=self.dtype or ("bfloat16" if cuda else "float32"),
             compile=cuda if self.compile is None else self.compile,
-            cuda_graphs=cuda if self.cuda_graphs is None else (self.cuda_graphs and cuda),
+            cuda_graphs=cuda if self.cuda_graphs is None else self.cuda_graphs,
             pdl=cuda if self.pdl is None else self.pdl,
             pipeline_min_batch=self.pipeline_min_batch or options.default("pipeline_min_batch", cuda),
             pipeline_min_tokens=self.pipeline_min_tokens or options.default("pipeline_min_tokens", cuda),

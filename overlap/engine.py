@@ -40,6 +40,9 @@ class TPEngine:
         self.config = c = config.resolved()
         cfg = resolve_model(c.model)
         cfg.check_tp(c.tp)
+        if c.max_seq > cfg.max_position_embeddings:  # RoPE past them is a model nobody trained
+            raise ConfigError(f"prompt + output = {c.max_seq} tokens exceed the max_position_embeddings "
+                              f"({cfg.max_position_embeddings}) of model '{c.model}'")
         if c.device == "cuda":
             n = visible_gpus()
             need = max(c.gpu_ids) + 1
@@ -92,8 +95,11 @@ class TPEngine:
         self.procs.send(("generate", prompts, int(max_tokens), bool(comm_free)))
         replies = self.procs.collect("generate", self.config.engine_timeout)
         res = replies[0][1]
-        applied = self.config.schedule().applied(len(prompts), len(prompts[0]))
-        info = {"overlap_applied": ",".join(applied) or "none"}
+        schedule, batch, prompt_len = self.config.schedule(), len(prompts), len(prompts[0])
+        info = {"overlap_applied": ",".join(schedule.applied(batch, prompt_len)) or "none",
+                # what --num-streams became at this shape (at most one part per sequence or token)
+                "decode_micro_batches": len(schedule.decode_chunks(batch)),
+                "prefill_chunks": len(schedule.prefill_chunks(batch, prompt_len))}
         if "mem_peak_gb" in res:
             info["gpu_mem_gb_peak"] = res["mem_peak_gb"]
         for k in ("step_gap_us_p50", "step_gap_us_mean"):

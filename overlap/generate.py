@@ -44,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     lat = [(b - a_) / 1e6 for a_, b in zip([g.submit_ns] + g.token_ns[:-1], g.token_ns)]
     print(json.dumps({
         "model": a.model, "tp": a.tp, "device": a.device, "overlap": a.overlap,
-        "overlap_applied": g.info["overlap_applied"], "allreduce": d["allreduce"],
+        "overlap_applied": g.info["overlap_applied"], "num_streams": a.num_streams,
+        "decode_micro_batches": g.info["decode_micro_batches"], "prefill_chunks": g.info["prefill_chunks"],
+        "allreduce": d["allreduce"],
         "tokens": g.tokens, "token_latency_ms": [round(x, 4) for x in lat],
         "ttft_ms": round(lat[0], 4),
     }))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from . import gemv, kernels
 from .comm import Comm
-from .config import ConfigError, ModelConfig, shape_mismatch, weight_names, weight_shape
+from .config import ConfigError, ModelConfig, duplicate_tensor, shape_mismatch, weight_names, weight_shape
 from .streams import StreamManager
 
 
@@ -192,6 +192,8 @@ class WeightSource:
             for f in sorted(Path(cfg.checkpoint).glob("*.safetensors")):
                 h = safe_open(str(f), framework="pt", device="cpu")
                 for k in h.keys():
+                    if k in self._paths:  # as config.check_checkpoint_tensors refuses it
+                        raise ConfigError(duplicate_tensor(k, self._paths[k], f))
                     self._files[k], self._paths[k] = h, f
 
     def get(self, name: str, dim: int | None = None, rank: int = 0, world: int = 1) -> torch.Tensor:

@@ -19,6 +19,7 @@ from llm_bench.metrics import MeasurementError, request_timings
 from llm_bench.mlc import (
     MLCEngineAdapter,
     build_info,
+    check_model_dir,
     check_model_lib,
     check_request,
     mlc_missing_reason,
@@ -76,12 +77,47 @@ def test_itl_is_per_chunk_and_tpot_counts_every_token():
         request_timings(0, [1, 2, 3], n_out=2)
 
 
-def test_one_library_path_serves_one_tp_size():
+def test_one_library_path_serves_one_tp_size(tmp_path):
+    for tp in (1, 2):
+        write_library(tmp_path / f"lib-tp{tp}.so", tp)
     assert check_model_lib(None, [1, 2, 4]) is None  # MLC compiles one per TP size
-    assert check_model_lib("/m/lib-tp{tp}.so", [1, 2]) is None
-    assert check_model_lib("/m/lib.so", [2, 2]) is None
+    assert check_model_lib(f"{tmp_path}/lib-tp{{tp}}.so", [1, 2]) is None
+    assert check_model_lib(f"{tmp_path}/lib-tp1.so", [2, 2]) is None
     assert "put {tp} in the path" in check_model_lib("/m/lib.so", [1, 2])
     assert "only '{tp}' may stand in braces" in check_model_lib("/m/lib-{n}.so", [1])
+
+
+def test_each_tp_sizes_library_must_be_a_file(tmp_path):
+    """Found when the options are read, not as each engine starts."""
+    write_library(tmp_path / "lib-tp2.so", 2)
+    assert check_model_lib(f"{tmp_path}/lib-tp{{tp}}.so", [2, 4]) == f"{tmp_path}/lib-tp4.so (TP=4) is not a file"
+    assert check_model_lib(f"{tmp_path}/lib.so", [1]) == f"{tmp_path}/lib.so (TP=1) is not a file"
+
+
+def test_an_hf_id_needs_a_repository():
+    assert check_model_dir("HF://mlc-ai/Llama-3-8B-Instruct-q4f16_1-MLC") is None
+    for empty in ("HF://", "HF:///", "HF:// "):
+        assert check_model_dir(empty).startswith("an HF:// id names a Hugging Face repository after the prefix")
+
+
+@pytest.mark.parametrize("args,missing", [
+    (["--llm-tp-sizes", "2"], 1),  # the baseline runs TP=1
+    (["--llm-tp-sizes", "2", "4", "-k", "test_tensor_parallel"], 4),
+    (["--llm-tp-sizes", "2", "-k", "test_tensor_parallel"], None),  # no TP=1 benchmark is left to need one
+], ids=["baseline-tp1", "tp4", "tp1-deselected"])
+def test_the_libraries_of_the_tp_sizes_that_run_are_checked_before_anything_runs(tmp_path, args, missing):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "mlc-chat-config.json").write_text("{}")
+    write_library(tmp_path / "lib-tp2.so", 2)
+    pattern = f"{tmp_path}/lib-tp{{tp}}.so"
+    r = run_pytest(ROOT / "benchmarks", "--co", "-q", "--llm-engine", "mlc", "--llm-model", tmp_path / "model",
+                   "--llm-model-lib", pattern, "--llm-results-dir", tmp_path / "results", *args)
+    if missing is None:
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+        return
+    assert r.returncode == 4, r.stdout[-2000:] + r.stderr[-2000:]
+    lib = f"{tmp_path}/lib-tp{missing}.so"
+    assert r.stderr.strip() == f"ERROR: --llm-model-lib {pattern}: {lib} (TP={missing}) is not a file"
 
 
 def test_mlc_columns_are_every_rounds_mean_and_the_build_is_kept():

@@ -87,6 +87,33 @@ def test_benchmark_json_may_name_a_new_folder(tmp_path, order):
     assert '"benchmarks"' in target.read_text()
 
 
+@pytest.mark.parametrize("args", [["test_sum.py", "--no-such-flag"], ["test_sum.py", "-k", "no_such_test"],
+                                  [ROOT / "benchmarks", "--llm-model", "tinyy"]],
+                         ids=["argparse-usage-error", "nothing-ran", "llm-usage-error"])
+def test_a_run_that_stores_nothing_leaves_an_existing_json_as_it_was(tmp_path, args):
+    """argparse's FileType('wb') truncated the file while parsing: a typo elsewhere on the command
+    line emptied an earlier run's JSON."""
+    (tmp_path / "test_sum.py").write_text(BENCH)
+    keep = tmp_path / "keep.json"
+    keep.write_text('{"benchmarks": ["an earlier run"]}')
+    r = run_pytest(*args, f"--benchmark-json={keep}", cwd=tmp_path)
+    assert r.returncode in (4, 5), r.stdout[-2000:] + r.stderr[-2000:]
+    assert keep.read_text() == '{"benchmarks": ["an earlier run"]}'
+    new = tmp_path / "new" / "never.json"
+    r = run_pytest(*args, f"--benchmark-json={new}", cwd=tmp_path)
+    assert r.returncode in (4, 5) and not new.exists() and new.parent.is_dir()
+
+
+def test_a_json_path_that_cannot_be_written_is_refused_while_parsing(tmp_path):
+    (tmp_path / "test_sum.py").write_text(BENCH)
+    (tmp_path / "taken").mkdir()
+    r = run_pytest("test_sum.py", f"--benchmark-json={tmp_path / 'taken'}", cwd=tmp_path)
+    assert r.returncode == 4, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (f"error: argument --benchmark-json: can't open '{tmp_path / 'taken'}': [Errno 21] Is a directory"
+            in r.stderr), r.stderr[-2000:]
+    assert "passed" not in r.stdout
+
+
 def test_without_the_entry_point_pytest_benchmark_refuses_a_new_folder(tmp_path):
     """What the entry point is for: if pytest-benchmark stops opening the file while parsing, this
     fails and the entry point can go."""

@@ -29,8 +29,21 @@ REFUSED = [
     (["--llm-batch-sizes", "1", "0"], "error: argument --llm-batch-sizes: must be >= 1 and <= 4096, got '0'"),
     (["--llm-max-tokens", "two"],
      "error: argument --llm-max-tokens/--max-tokens: expected an integer (>= 1), got 'two'"),
-    (["--llm-engine-timeout", "0"], "error: argument --llm-engine-timeout: must be > 0, got '0'"),
-    (["--llm-engine-timeout", "-3"], "error: argument --llm-engine-timeout: must be > 0, got '-3'"),
+    (["--llm-engine-timeout", "0"], "error: argument --llm-engine-timeout: must be > 0 and <= 1000000, got '0'"),
+    (["--llm-engine-timeout", "-3"], "error: argument --llm-engine-timeout: must be > 0 and <= 1000000, got '-3'"),
+    (["--llm-engine-timeout", "1e14"],  # was an OverflowError in every rank's start-up
+     "error: argument --llm-engine-timeout: must be > 0 and <= 1000000, got '1e14'"),
+    (["--llm-pipeline-min-batch", "1"],  # integer bounds exactly, not 1.04858e+06
+     "error: argument --llm-pipeline-min-batch: must be >= 2 and <= 1048576, got '1'"),
+    (["--llm-seed", "-1"], "error: argument --llm-seed: must be >= 0 and <= 9223372036854775807, got '-1'"),
+    (["--llm-model-lib", "/x/lib.so"], "ERROR: --llm-model-lib /x/lib.so: a compiled library is for --llm-engine "
+     "mlc; the builtin engine would ignore it"),
+    (["--llm-model", "tiny/"], "ERROR: --llm-model tiny/: model 'tiny/' is not a directory (presets are named "
+     f"without a path: {PRESETS})"),
+    (["--llm-model", "./tiny"], "ERROR: --llm-model ./tiny: model './tiny' is not a directory (presets are named "
+     f"without a path: {PRESETS})"),
+    (["--llm-engine", "mlc", "--llm-model", "HF://"], "ERROR: --llm-model HF://: an HF:// id names a Hugging Face "
+     "repository after the prefix, such as HF://mlc-ai/Llama-3-8B-Instruct-q4f16_1-MLC"),
     (["--llm-model", "does-not-exist"],
      f"ERROR: --llm-model does-not-exist: unknown model 'does-not-exist': use a preset ({PRESETS}) "
      "or a local Hugging Face checkpoint directory"),
@@ -64,6 +77,27 @@ def test_refused_before_anything_runs(args, line):
     assert refused(*args) == line
 
 
+ON_CPU = "the engine runs on cpu"
+TRITON_ON_CPU = "Triton kernels need a CUDA device here, not cpu (TRITON_INTERPRET=1 runs them on CPU)"
+NOT_ON_CPU = [
+    (["--llm-allreduce", "lamport"], "ERROR: --llm-allreduce lamport: 'lamport' needs CUDA GPUs (symmetric memory); "
+     "on CPU the all-reduce is the process group's, gloo (use auto or nccl)"),
+    (["--llm-allreduce", "symm"], "ERROR: --llm-allreduce symm: 'symm' needs CUDA GPUs (symmetric memory); "
+     "on CPU the all-reduce is the process group's, gloo (use auto or nccl)"),
+    (["--llm-decode-attention", "triton"], f"ERROR: --llm-decode-attention triton: {TRITON_ON_CPU}"),
+    (["--llm-gemv", "triton"], f"ERROR: --llm-gemv triton: {TRITON_ON_CPU}"),
+    (["--llm-cuda-graphs"], f"ERROR: --llm-cuda-graphs: CUDA graphs need a CUDA device; {ON_CPU}"),
+    (["--llm-pdl"], f"ERROR: --llm-pdl: programmatic dependent launch needs a CUDA GPU (Hopper or later); {ON_CPU}"),
+]
+
+
+@pytest.mark.parametrize("args,line", NOT_ON_CPU, ids=[" ".join(a) for a, _ in NOT_ON_CPU])
+def test_choices_the_cpu_cannot_run_are_refused_once(monkeypatch, args, line):
+    """Not in every rank's start-up, one failed benchmark after another (with a kept log folder)."""
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert refused("--llm-device", "cpu", *args) == line
+
+
 def test_options_from_pytest_addopts_are_refused_too(monkeypatch):
     monkeypatch.setenv("PYTEST_ADDOPTS", "--benchmark-cprofile=tottime")
     assert refused().startswith("ERROR: --benchmark-cprofile would add a profiled generation")
@@ -79,6 +113,19 @@ def test_an_unwritable_results_folder_is_refused_at_start(tmp_path):
     (tmp_path / "file").write_text("")  # a folder below a file: unwritable even for root
     assert refused("--llm-results-dir", tmp_path / "file" / "res") == (
         f"ERROR: --llm-results-dir {tmp_path / 'file' / 'res'}: cannot write there (Not a directory)")
+
+
+def test_a_results_file_that_cannot_be_appended_to_is_refused_at_start(tmp_path):
+    (tmp_path / "res" / "runs.jsonl").mkdir(parents=True)  # not after every benchmark has measured
+    assert refused("--llm-results-dir", tmp_path / "res") == (
+        f"ERROR: --llm-results-dir {tmp_path / 'res'}: cannot append to {tmp_path / 'res' / 'runs.jsonl'} "
+        "(Is a directory)")
+
+
+def test_the_results_check_leaves_nothing_behind(tmp_path):
+    r = run_pytest(ROOT / "benchmarks", "--co", "-q", "--llm-results-dir", tmp_path / "res")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert list((tmp_path / "res").iterdir()) == []
 
 
 def test_a_bad_checkpoint_is_refused_naming_file_and_field(tmp_path):
@@ -245,3 +292,43 @@ def test_weights_changed_after_the_check_are_named_when_read(tmp_path):
                                           r"config.json gives \[16, 32\]"):
         src.get(K, 0, 0, 2)
     assert src.get("model.layers.0.self_attn.q_proj.weight", 0, 1, 2).shape == (16, 32)
+
+
+def test_a_tensor_in_two_files_is_refused(tmp_path):
+    """Which copy loaded depended on the order the files were read: the second file's, silently.
+    The loader refuses it too (a file added after the check)."""
+    second = tmp_path / "model-2.safetensors"
+    line = (f"{tmp_path / 'model.safetensors'}: tensor '{K}' is also in {second}: a checkpoint holds each "
+            "tensor once (which copy would load depends on the order the files are read)")  # read in name order
+    cfg = from_hf_config(checkpoint(tmp_path))
+    save_file({K: np.ones((16, 32), np.float32)}, str(second))
+    with pytest.raises(ConfigError) as e:
+        from_hf_config(tmp_path)
+    assert str(e.value) == line
+    with pytest.raises(ConfigError) as e:
+        WeightSource(cfg, 0, torch.device("cpu"), torch.float32)
+    assert str(e.value) == line
+
+
+def test_layers_past_num_hidden_layers_are_refused(tmp_path):
+    """A checkpoint with 2 layers read as 1 (num_hidden_layers) ran a model with its second layer
+    left out, without a word; harmless extras (rotary_emb.inv_freq) still load."""
+    layer1 = {n.replace("layers.0.", "layers.1."): np.zeros(weight_shape(GOOD_CFG, n), np.float32)
+              for n in weight_names(GOOD_CFG) if n.startswith("model.layers.0.")}
+    inv_freq = {"model.layers.0.self_attn.rotary_emb.inv_freq": np.zeros(4, np.float32)}
+    checkpoint(tmp_path, tensors=good_tensors(**layer1))
+    with pytest.raises(ConfigError) as e:
+        from_hf_config(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'model.safetensors'}: tensor 'model.layers.1.")
+    assert str(e.value).endswith("' is of layer 1, but config.json's num_hidden_layers is 1: that layer would be "
+                                 "left out silently")
+    assert from_hf_config(checkpoint(tmp_path, tensors=good_tensors(**layer1), num_hidden_layers=2)).num_layers == 2
+    assert from_hf_config(checkpoint(tmp_path, tensors=good_tensors(**inv_freq))).num_layers == 1
+
+
+def test_the_engine_refuses_lengths_past_max_position_embeddings(tmp_path):
+    """For every caller (pytest refuses it too, as a usage error): before any rank starts."""
+    ckpt = checkpoint(tmp_path, max_position_embeddings=4)
+    with pytest.raises(ConfigError, match=r"^prompt \+ output = 12 tokens exceed the max_position_embeddings \(4\) "
+                                          rf"of model '{ckpt}'$"):
+        TPEngine(EngineConfig(model=str(ckpt), tp=1, max_seq=12))

@@ -150,3 +150,61 @@ def test_a_rank_that_refuses_at_start_up_leaves_no_folder(tmp_path, monkeypatch)
     with pytest.raises(ConfigError, match="num_attention_heads 4 is not a multiple of num_key_value_heads 3"):
         TPEngine(EngineConfig(model=str(ckpt), tp=1, max_seq=16, engine_timeout=120))
     assert made and not os.path.exists(made[0])
+
+
+def test_many_silent_strays_do_not_hold_the_start_up(monkeypatch):
+    """14 silent connections held a one-at-a-time handshake for 14 x 5 s: past the 60 s deadline, and
+    the error blamed the ranks. Handshakes now run side by side: the start goes on at once."""
+    strays = []
+
+    class SilentStraysFirst(Listener):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            strays.extend(socket.create_connection(self.address, timeout=10) for _ in range(14))
+
+    monkeypatch.setattr(procs, "Listener", SilentStraysFirst)
+    p = None
+    try:
+        p = procs.EngineProcesses("tests.procs_worker", 2, {}, tempfile.mkdtemp(prefix="procs-test-"),
+                                  start_timeout=60)
+        assert p.ready == [{"index": 0}, {"index": 1}]
+    finally:
+        for s in strays:
+            s.close()
+        if p is not None:
+            p.close()
+
+
+SLOW_WORKER = "import time\ntime.sleep(60)\n"  # started, never connects back
+
+
+def test_ranks_that_do_not_connect_are_named_with_the_strays_seen(monkeypatch, tmp_path):
+    (tmp_path / "never_connects").mkdir()  # a package: its folder goes on the processes' PYTHONPATH
+    (tmp_path / "never_connects" / "__init__.py").write_text("")
+    (tmp_path / "never_connects" / "__main__.py").write_text(SLOW_WORKER)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(procs, "CONNECT_S", 2.0)
+    strays = []
+
+    class StraysFirst(Listener):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            strays.extend(socket.create_connection(self.address, timeout=10) for _ in range(2))
+            strays[0].sendall(b"\x00\x00\x00\x05hello")  # a wrong answer; strays[1] stays silent
+
+    monkeypatch.setattr(procs, "Listener", StraysFirst)
+    logdir = tempfile.mkdtemp(prefix="procs-test-")
+    try:
+        with pytest.raises(EngineError) as e:
+            procs.EngineProcesses("never_connects", 2, {}, logdir, start_timeout=60)
+    finally:
+        for s in strays:
+            s.close()
+        shutil.rmtree(logdir, ignore_errors=True)
+    first = str(e.value).splitlines()[0]
+    # The silent one is still in its 5 s handshake; the wrong answer was dropped at once (or, on a box
+    # too busy to get to it within 2 s, is still in its handshake too).
+    assert re.fullmatch(r"rank\(s\) \[0, 1\] did not connect within 2 s; meanwhile the start-up listener "
+                        r"(dropped 1 local connection\(s\) that were not the ranks \(failed authentication from "
+                        r"127\.0\.0\.1:\d+\) and had 1|had 2) connection\(s\) still authenticating \(another "
+                        r"local process connecting to this port\?\)", first), first
