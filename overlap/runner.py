@@ -109,15 +109,26 @@ class Runner:
 
     # -- decode steps and their graphs ---------------------------------------------------------------
     def buffers(self, b: int) -> dict:
+        """A decode step's static inputs and outputs for batch `b`. Token buffer 0 and the position are
+        views of one tensor (`inputs`), so a step's inputs come in with one host-to-device copy from a
+        host slot of the same layout; a step's tokens are read back into a slot's token part, so the
+        next step's inputs are that slot once its position is written (`copy_inputs`)."""
         if b not in self.bufs:
-            z = lambda: torch.zeros(b, dtype=torch.long, device=self.device)  # noqa: E731
-            pin = self.cuda
+            at = -(-b // 2) * 2  # the position's index: 16-byte aligned, as compiled kernels assume
+            dev_in = torch.zeros(at + 1, dtype=torch.long, device=self.device)
+            host_in = [torch.zeros(at + 1, dtype=torch.long, pin_memory=self.cuda) for _ in range(2)]
             self.bufs[b] = {
-                "tok": [z(), z()], "pos": torch.zeros(1, dtype=torch.long, device=self.device),
-                "host_tok": [torch.zeros(b, dtype=torch.long, pin_memory=pin) for _ in range(2)],
-                "host_pos": torch.zeros(1, dtype=torch.long, pin_memory=pin),
+                "tok": [dev_in[:b], torch.zeros(b, dtype=torch.long, device=self.device)],
+                "pos": dev_in[at:], "inputs": dev_in,
+                "host_in": host_in, "host_tok": [h[:b] for h in host_in],
+                "host_np": [h.numpy() for h in host_in], "pos_at": at,  # numpy: a write without a torch op
             }
         return self.bufs[b]
+
+    def copy_inputs(self, buf: dict, slot: int, pos: int) -> None:
+        """Step inputs in: host slot `slot`'s tokens at position `pos`, one copy (see `buffers`)."""
+        buf["host_np"][slot][buf["pos_at"]] = pos
+        self.sm.copy_in(buf["inputs"], buf["host_in"][slot])
 
     def _step_body(self, b: int, src: int):
         """One decode step: tokens in buffer `src` at position `pos` -> next tokens in buffer 1-src."""
@@ -188,14 +199,20 @@ class Runner:
 
     # -- generation ----------------------------------------------------------------------------------
     def _host(self, dev: torch.Tensor, slot: torch.Tensor):
-        """Start copying `dev` to host `slot`; returns a waiter that blocks until it is there."""
+        """Start copying `dev` to host `slot`; returns a waiter that spins until it is there. It polls
+        the event rather than calling cudaEventSynchronize, which returned later after the copy
+        (NOTES-gpu.md, seventh session: the host gap)."""
         if not self.cuda:
             slot.copy_(dev)
             return lambda: None
         slot.copy_(dev, non_blocking=True)
         ev = torch.cuda.Event()
         ev.record()
-        return ev.synchronize
+
+        def wait():
+            while not ev.query():
+                pass
+        return wait
 
     @torch.inference_mode()
     def generate(self, prompts: list[list[int]], max_tokens: int, comm_free: bool = False) -> dict:
@@ -209,25 +226,27 @@ class Runner:
         steps = self.decode_graphs(b, comm_free) if max_tokens > 1 else None
         tok_in, first, prefill, _ = self._prefill(b, p, comm_free)
         buf = self.buffers(b)
-        now = time.perf_counter_ns
-        t_start = now()
-        tok_in.copy_(torch.tensor(prompts, dtype=torch.long))
-        prefill()
-        out, times = [], []
-        double = "double_buffer" in self.sm.parts
         marks: list = []  # (start, end) CUDA events around each decode step, rank 0 only
         if self.cuda and self.rank == 0 and steps is not None:
             raw = steps
+            pairs = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                     for _ in range(max_tokens)]  # made before the clock starts: no creation per step
 
             def timed(i):
                 def run():
-                    s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    s0, s1 = pairs[len(marks)]
                     s0.record()
                     raw[i]()
                     s1.record()
                     marks.append((s0, s1))
                 return run
             steps = [timed(0), timed(1)]
+        now = time.perf_counter_ns
+        t_start = now()
+        tok_in.copy_(torch.tensor(prompts, dtype=torch.long))
+        prefill()
+        out, times = [], []
+        double = "double_buffer" in self.sm.parts
         ready = self._host(first, buf["host_tok"][0])  # queued before step 1: TTFT does not wait for it
         if double:  # the first decode step reads prefill's tokens on the GPU: launch it, then look
             buf["tok"][0].copy_(first)
@@ -247,9 +266,7 @@ class Runner:
                 times.append(now())
                 out.append(buf["host_tok"][i % 2].tolist())
             else:
-                buf["host_pos"][0] = p + i - 1
-                self.sm.copy_in(buf["pos"], buf["host_pos"])
-                self.sm.copy_in(buf["tok"][0], buf["host_tok"][(i - 1) % 2])
+                self.copy_inputs(buf, (i - 1) % 2, p + i - 1)
                 steps[0]()
                 ready = self._host(buf["tok"][1], buf["host_tok"][i % 2])
                 ready()
@@ -336,10 +353,8 @@ class Runner:
         keep(shards[0])
         host = torch.tensor(forced, dtype=torch.long)
         for i in range(k):
-            buf["host_pos"][0] = p + i
             buf["host_tok"][0].copy_(host[:, i])
-            self.sm.copy_in(buf["pos"], buf["host_pos"])
-            self.sm.copy_in(buf["tok"][0], buf["host_tok"][0])
+            self.copy_inputs(buf, 0, p + i)
             step()
             keep(shards[1])
         return torch.stack(rows).numpy() if self.rank == 0 else None

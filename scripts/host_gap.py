@@ -7,10 +7,10 @@ and where its thread runs. One JSON line per rank and variant.
     python scripts/host_gap.py [--tp 1 2] [--model llama3-8b] [--batch-size 1] [--reps 3]
 
 Variants (each on every rank, the same steps, so the ranks' collectives match):
-  loop            the `none` loop as overlap/runner.py runs it (event wait = cudaEventSynchronize)
-  loop-poll       the same, waiting by polling the event (cudaEventQuery in a loop)
+  loop            the `none` loop as overlap/runner.py runs it, but waiting with cudaEventSynchronize
+  loop-poll       the same, waiting by polling the event (cudaEventQuery in a loop), as the engine does
   loop-blocking   the same, waiting on an event made with blocking sync (the thread sleeps)
-  loop-nocopy     without the two host-to-device input copies (the steps alternate token buffers)
+  loop-nocopy     without the host-to-device input copy (the steps alternate token buffers)
   *-pinned        after the rank's thread is bound to one CPU local to its GPU (sysfs local_cpulist)
 The process group rendezvous is a file (nothing listens); NVLink multicast is off.
 """
@@ -68,7 +68,7 @@ def none_loop(r, b: int, p: int, n: int, wait: str, copies: bool) -> dict:
     """The `none` loop of Runner._generate (decode steps only, from position p), timed in parts."""
     buf = r.buffers(b)
     steps = r.decode_graphs(b, False)
-    host_tok, host_pos = buf["host_tok"], buf["host_pos"]
+    host_tok = buf["host_tok"]
     now = time.perf_counter_ns
     parts = {k: [] for k in ("inputs_us", "replay_us", "readback_us", "wait_us", "tolist_us", "turn_us")}
     marks, starts = [], []
@@ -77,9 +77,7 @@ def none_loop(r, b: int, p: int, n: int, wait: str, copies: bool) -> dict:
     for i in range(n - 1):
         t0 = now()
         if copies:
-            host_pos[0] = p + i
-            r.sm.copy_in(buf["pos"], host_pos)
-            r.sm.copy_in(buf["tok"][0], host_tok[(i - 1) % 2])
+            r.copy_inputs(buf, (i - 1) % 2, p + i)
         src = 0 if copies else i % 2
         t1 = now()
         s0, s1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
