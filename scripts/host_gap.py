@@ -4,14 +4,14 @@ generate loop (TPOT and GPU idle time between steps), the same steps back to bac
 read-back, wait, read the tokens) and CUDA events around each step, under variants of how the host waits
 and where its thread runs. One JSON line per rank and variant.
 
-    python scripts/host_gap.py [--tp 1 2] [--model llama3-8b] [--batch-size 1] [--reps 3]
+    python scripts/host_gap.py [--tp 1 2] [--model llama3-8b] [--batch-size 1] [--reps 3] [--pins - 4,20 -]
 
 Variants (each on every rank, the same steps, so the ranks' collectives match):
   loop            the `none` loop as overlap/runner.py runs it, but waiting with cudaEventSynchronize
   loop-poll       the same, waiting by polling the event (cudaEventQuery in a loop), as the engine does
   loop-blocking   the same, waiting on an event made with blocking sync (the thread sleeps)
   loop-nocopy     without the host-to-device input copy (the steps alternate token buffers)
-  *-pinned        after the rank's thread is bound to one CPU local to its GPU (sysfs local_cpulist)
+  *-pinA,B        with rank r's thread bound to the r-th CPU of the list (--pins, in turn)
 The process group rendezvous is a file (nothing listens); NVLink multicast is off.
 """
 from __future__ import annotations
@@ -159,20 +159,20 @@ def _rank(rank: int, world: int, store: str, a: argparse.Namespace) -> None:
     emit("engine", {**engine_loop(), "back_to_back_us": back_to_back_us(r, b, p, n),
                     "allowed_cpus": len(os.sched_getaffinity(0)), "local_cpus": sorted(cpus)[:4] + ["..."],
                     "n_local": len(cpus), "cpu_now": _cpu_now(), "allreduce": r.describe().get("allreduce")})
-    for pinned in (False, True):
-        if pinned:
-            if not cpus:
-                emit("pin", {"skipped": "no local_cpulist"})
-                break
-            # One CPU per rank (this thread only): the GPU-local set may be the whole machine.
-            one = sorted(cpus)[len(cpus) // 2 + rank]
-            os.sched_setaffinity(0, {one})
-            emit("engine-pinned", {**engine_loop(), "cpu_now": _cpu_now()})
-        for wait, copies, name in (("sync", True, "loop"), ("poll", True, "loop-poll"),
-                                   ("blocking", True, "loop-blocking"), ("sync", False, "loop-nocopy")):
+    allowed = os.sched_getaffinity(0)
+    for plan in a.pins:
+        # "-": the thread may run anywhere it could at start; "A,B": rank r's thread on CPU number r.
+        where = allowed if plan == "-" else {int(plan.split(",")[rank])}
+        os.sched_setaffinity(0, where)
+        tag = "" if plan == "-" else f"-pin{plan}"
+        emit("engine" + tag, {**engine_loop(), "cpu_now": _cpu_now()})
+        for wait, copies, name in (("poll", True, "loop-poll"), ("sync", True, "loop"),
+                                   ("blocking", True, "loop-blocking"), ("poll", False, "loop-nocopy")):
+            if plan != a.pins[0] and name in ("loop-blocking", "loop-nocopy"):
+                continue
             for _ in range(a.reps):
                 rec = none_loop(r, b, p, n, wait, copies)
-            emit(name + ("-pinned" if pinned else ""), rec)
+            emit(name + tag, rec)
 
 
 def main() -> int:
@@ -183,6 +183,8 @@ def main() -> int:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--pins", nargs="+", default=["-"],
+                    help='CPU placements in turn: "-" (anywhere allowed) or "A,B,..." (rank r on CPU r-th)')
     a = ap.parse_args()
     from llm_bench.procs import NCCL_SAFE_ENV
 
