@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One batch of GPU work for the device machine: smoke checks, then benchmark sweeps, results under
 # $OUT (or ./gpu-out). Usage and stages: scripts/gpu_sweep.sh --help
-STAGES="smoke baseline compile anatomy allreduce-bench prefill-bench gemv-tune attn-tune prefetch tp overlap
+STAGES="smoke baseline compile anatomy host-gap allreduce-bench prefill-bench gemv-tune attn-tune prefetch tp overlap
         tp-allreduce prefill-overlap decode-crossover overlap70 tp70 peer gate trace"
 usage() {
   cat <<USAGE
@@ -12,6 +12,8 @@ stages, run in the order given:
   baseline         llama3-8b baseline, batches 1 and 16
   compile          the same without torch.compile / Triton attention, and both compared
   anatomy          where a TP=1 decode step's time goes, per engine variant (scripts/step_anatomy.py)
+  host-gap         where the none loop's host turn-around between decode steps goes, TP 1 and 2
+                   (scripts/host_gap.py)
   allreduce-bench  decode all-reduce paths at 1 and 16 rows (scripts/bench_allreduce.py)
   prefill-bench    one 8B layer's prefill at TP=2 per overlap variant (scripts/bench_prefill_overlap.py)
   gemv-tune        the batch-1 GEMV configurations per weight shape (scripts/tune_gemv.py, GEMV_TPS)
@@ -72,6 +74,8 @@ for stage in "$@"; do
                "compile --decode-attention triton --gemv triton --no-pdl" "compile --decode-attention triton --gemv triton"; do
         $PY scripts/step_anatomy.py --variant $v | tee -a $OUT/anatomy.jsonl | cut -c1-400
       done ;;
+    host-gap)  # the none loop's host turn-around in parts (--pins: placements, see the script)
+      timeout 500 $PY scripts/host_gap.py --tp 1 2 2>&1 | grep -v "NCCL INFO" | tee $OUT/host-gap.jsonl ;;
     allreduce-bench)  # decode all-reduce paths at 1 and 16 rows: NCCL, symm one-shot (+ norm), Lamport (+ fused norm)
       timeout 300 $PY scripts/bench_allreduce.py --tp 2 | tee $OUT/allreduce-bench.jsonl | tail -14 ;;
     prefill-bench)  # one 8B layer's prefill at TP=2: none, pipeline chunks (NCCL, capped CTAs, copy engine), async TP

@@ -124,3 +124,24 @@ def test_checkpoint_directory_loads_and_shards(engine_factory, tiny_state, tmp_p
     ref = engine_factory(tp=1, seed=SEED, max_seq=20).generate(prompts, 6).tokens
     ck = engine_factory(model=str(tmp_path), tp=2, max_seq=20)
     assert ck.generate(prompts, 6).tokens == ref
+
+
+@pytest.mark.parametrize("batch", [1, 2, 3, 16])
+def test_step_inputs_come_in_with_one_copy(batch):
+    """A decode step's token buffer 0 and position are views of one tensor, the position 16-byte
+    aligned (compiled kernels assume it), and `copy_inputs` fills both from one host slot."""
+    from overlap.config import EngineConfig
+    from overlap.runner import Runner
+
+    cfg = EngineConfig(model="tiny", batch_sizes=(batch,), max_seq=16).resolved()
+    r = Runner(0, 1, torch.device("cpu"), cfg, build_graphs=False)
+    buf = r.buffers(batch)
+    inputs = buf["inputs"]
+    assert buf["tok"][0].data_ptr() == inputs.data_ptr()
+    assert buf["pos"].data_ptr() - inputs.data_ptr() == buf["pos_at"] * 8 and buf["pos_at"] * 8 % 16 == 0
+    assert buf["pos_at"] >= batch and buf["tok"][1].data_ptr() != inputs.data_ptr()
+    for slot in (0, 1):
+        tokens = torch.arange(batch) + 100 * (slot + 1)
+        buf["host_tok"][slot].copy_(tokens)
+        r.copy_inputs(buf, slot, 7 + slot)
+        assert buf["tok"][0].tolist() == tokens.tolist() and buf["pos"].tolist() == [7 + slot]
