@@ -23,6 +23,7 @@ values raises the threshold to the noise actually seen between sessions."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import reprlib
@@ -268,10 +269,24 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+def load_baselines(specs: list[str], storage: str = ".benchmarks") -> list[dict]:
+    """The baseline runs, each a different run: one run given twice (the same file, a copy of it, a
+    session named twice) would be pooled with itself and fake a spread between sessions of zero."""
+    runs = load_runs(specs, storage)
+    seen: dict[str, str] = {}
+    for r in runs:
+        key = hashlib.sha256(json.dumps(r.get("benchmarks"), sort_keys=True, default=str).encode()).hexdigest()
+        if key in seen:
+            raise DataError(f"{r['_path']} is the same run as {seen[key]}: give each baseline session once "
+                            "(the gate pools their rounds, and a run pooled with itself hides the noise)")
+        seen[key] = r["_path"]
+    return runs
+
+
 def run(a) -> int:
     rules = parse_rules(a.metric, a.only_metrics)
     alpha = check_alpha(a.alpha)
-    base = load_runs(a.baseline, a.storage)
+    base = load_baselines(a.baseline, a.storage)
     cands = load_runs([a.candidate] if a.candidate else [], a.storage)
     if len(cands) != 1:
         raise DataError(f"--candidate {a.candidate}: holds {len(cands)} runs ({', '.join(c['_path'] for c in cands)}); "

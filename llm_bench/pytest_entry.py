@@ -6,41 +6,52 @@ file while it parses the command line, before any conftest is loaded, so a missi
 error (and a CI job that wrote `out/base1.json` got no JSON), and a usage error anywhere else on the
 command line emptied the JSON of an earlier run. An entry-point plugin is loaded before that parse:
 it replaces the option's conversion with one that creates the parent folder, checks that the file
-can be written (without truncating it) and returns a file that is opened at its first write.
+can be written (without truncating it) and returns a file that is written when closed, if the run
+stored a benchmark.
 pytest keeps the option's keywords on its `Argument` (pytest 8 builds the argparse parser from them
 at each parse) and, from pytest 9, also adds the argparse action at once: both are wrapped. Found
 neither, nothing changes. This module imports nothing from pytest."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 
 OPTION = "--benchmark-json"
 
 
 class OpenedAtFirstWrite:
-    """A binary file for writing that is opened (and truncated) at its first write, not before: what
-    pytest-benchmark does with its `--benchmark-json` file (`with f: f.write(...)`) is all it offers."""
+    """A binary file for writing that pytest-benchmark fills (`with f: f.write(...)`, all it offers).
+    What is written is kept until close, then put in place whole (a temporary file renamed over the
+    path), and only if it holds a benchmark: a run whose every benchmark failed writes a JSON of none,
+    which would replace an earlier run's file with nothing to compare."""
 
     def __init__(self, path: str):
-        self.name, self.mode, self._file = path, "wb", None
+        self.name, self.mode, self._parts, self.closed = path, "wb", [], False
 
     def write(self, data: bytes) -> int:
-        if self._file is None:
-            self._file = open(self.name, "wb")
-        return self._file.write(data)
+        self._parts.append(bytes(data))
+        return len(data)
 
     def flush(self) -> None:
-        if self._file is not None:
-            self._file.flush()
-
-    @property
-    def closed(self) -> bool:
-        return self._file is not None and self._file.closed
+        pass
 
     def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
+        if self.closed:
+            return
+        self.closed = True
+        data = b"".join(self._parts)
+        if not data:
+            return
+        if not holds_a_benchmark(data):
+            print(f"{OPTION} {self.name}: this run stored no benchmark; the file is left as it was",
+                  file=sys.stderr)
+            return
+        tmp = f"{self.name}.tmp-{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, self.name)
 
     def __enter__(self):
         return self
@@ -52,6 +63,15 @@ class OpenedAtFirstWrite:
         return self.name
 
     __fspath__ = __str__
+
+
+def holds_a_benchmark(data: bytes) -> bool:
+    """Whether pytest-benchmark's JSON `data` lists a benchmark (anything that is not its JSON: kept)."""
+    try:
+        run = json.loads(data)
+    except ValueError:
+        return True
+    return not isinstance(run, dict) or bool(run.get("benchmarks", True))
 
 
 def with_folder(open_file):

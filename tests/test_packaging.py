@@ -104,6 +104,23 @@ def test_a_run_that_stores_nothing_leaves_an_existing_json_as_it_was(tmp_path, a
     assert r.returncode in (4, 5) and not new.exists() and new.parent.is_dir()
 
 
+def test_a_json_of_no_benchmark_leaves_an_existing_file_as_it_was(tmp_path, capsys):
+    """A session whose every benchmark failed: pytest-benchmark writes a JSON listing none, which
+    replaced an earlier run's file. One that lists a benchmark is put in place whole."""
+    from llm_bench.pytest_entry import OpenedAtFirstWrite
+
+    keep = tmp_path / "keep.json"
+    keep.write_text('{"benchmarks": ["an earlier run"]}')
+    with OpenedAtFirstWrite(str(keep)) as f:
+        f.write(b'{"machine_info": {}, "benchmarks": []}')
+    assert keep.read_text() == '{"benchmarks": ["an earlier run"]}'
+    assert "this run stored no benchmark; the file is left as it was" in capsys.readouterr().err
+    with OpenedAtFirstWrite(str(keep)) as f:
+        f.write(b'{"benchmarks": [')
+        f.write(b'{"name": "new"}]}')
+    assert keep.read_text() == '{"benchmarks": [{"name": "new"}]}' and os.listdir(tmp_path) == ["keep.json"]
+
+
 def test_a_json_path_that_cannot_be_written_is_refused_while_parsing(tmp_path):
     (tmp_path / "test_sum.py").write_text(BENCH)
     (tmp_path / "taken").mkdir()
