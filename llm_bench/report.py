@@ -285,6 +285,10 @@ def make_report(runs: list[dict], out: str, command: str | None = None) -> list[
     import matplotlib.pyplot as plt
 
     rows = _rows(runs)
+    cols = shown_columns(rows)
+    if not cols:
+        raise DataError(f"no benchmark in {', '.join(r['_path'] for r in runs)} holds a measurement (interrupted "
+                        "runs keep an empty extra_info): nothing to report")
     st = Style(plt, rows)
     try:
         os.makedirs(out, exist_ok=True)
@@ -298,7 +302,6 @@ def make_report(runs: list[dict], out: str, command: str | None = None) -> list[
         lines.append("")
         for f, cap in made:
             lines += [f"## {cap}", "", f"![{cap}]({f})", ""]
-        cols = shown_columns(rows)
         lines += ["## Numbers", "", "| run | benchmark | " + " | ".join(c.header for c in cols) + " |",
                   "|---|---|" + "---|" * len(cols)]
         for r in rows:

@@ -25,6 +25,9 @@ def add_parser(sub) -> None:
     p.set_defaults(func=run)
 
 
+EXACT_US = 2 ** 53  # microseconds a float64 still counts one by one (~285 years)
+
+
 class NotOurs(DataError):
     """A readable trace that --llm-enable-trace did not write (MLC's, torch.profiler's)."""
 
@@ -52,7 +55,32 @@ def _load(path: str) -> list[dict]:
         why = _bad_event(e)
         if why:
             raise DataError(f"{path}: event {i} {why}: not what --llm-enable-trace writes")
+    why = _not_one_session(events)
+    if why:
+        raise DataError(f"{path}: {why}")
     return events
+
+
+def _not_one_session(events: list[dict]) -> str | None:
+    """Why `events` are not one benchmark's trace of one session (None when they are): each file holds
+    one `requests` track and at least one round; each rank's step of a round appears once."""
+    heads = sum(1 for e in events if e.get("ph") == "M" and e.get("pid") == PID_REQ
+                and (e.get("args") or {}).get("name") == "requests")
+    if heads > 1:
+        return (f"{heads} traces in one file (one per session and benchmark is what --llm-enable-trace writes; "
+                "merged files mix sessions whose clocks and rounds do not line up): give each file")
+    if not any(e.get("ph") == "X" and e.get("pid") == PID_REQ and e.get("name") == "batch" for e in events):
+        return "no request rounds ('batch' spans): nothing was measured in this trace"
+    seen = set()
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") == PID_RANKS:
+            a = e.get("args") or {}
+            key = (e["tid"], a.get("round"), a.get("step"))
+            if key in seen:
+                return (f"rank {e['tid'] - 1}'s step {a.get('step')} of round {a.get('round')} appears twice: "
+                        "traces of several sessions merged? give each file")
+            seen.add(key)
+    return None
 
 
 def _bad_event(e) -> str | None:
@@ -64,6 +92,9 @@ def _bad_event(e) -> str | None:
         for k in ("ts", "dur"):
             if not finite(e.get(k)):
                 return f"({reprlib.repr(e.get('name'))}) has {k} {reprlib.repr(e.get(k))}, not a finite number"
+            if abs(e[k]) > EXACT_US:
+                return (f"({reprlib.repr(e.get('name'))}) has {k} {reprlib.repr(e.get(k))}: beyond 2**53 us, where "
+                        "a float no longer counts microseconds")
         if e["dur"] < 0:
             return f"({reprlib.repr(e.get('name'))}) has dur {e['dur']!r}: a span cannot last less than 0"
         if not isinstance(e.get("name"), str):
