@@ -187,7 +187,7 @@ OPTIONS: dict[str, Option] = {o.name: o for o in (
     Option("results_dir", "live results file (runs.jsonl) and traces", default="results", metavar="DIR"),
     Option("gate_baseline", "at session end, gate this run against stored run(s) (ids, files): exit 1 on a "
            "significant regression (the rules of `llm-bench gate`)", many=True, metavar="RUN"),
-    Option("engine_timeout", "seconds before a silent engine is declared hung", type=float, above=0,
+    Option("engine_timeout", "seconds before a silent engine is declared hung", type=float, min=1,
            max=1e6, default=600.0, engine=True),
     # -- the built-in engine -------------------------------------------------------------------------
     Option("allreduce", "builtin all-reduce: nccl (the process group's: NCCL on GPUs, gloo on CPU, which the "

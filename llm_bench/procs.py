@@ -248,7 +248,7 @@ class EngineProcesses:
             sentinels = {self._sentinels[r]: r for r in waiting.values() if self._sentinels[r] is not None}
             left = deadline - time.monotonic()
             if left <= 0:
-                self._fail(f"no reply to {what} within {timeout:.0f} s from {self.name}(s) "
+                self._fail(f"no reply to {what} within {timeout:g} s from {self.name}(s) "
                            f"{sorted(waiting.values())} (hung; raise --llm-engine-timeout if this is a slow build)",
                            sorted(waiting.values()))
             ready = wait(list(waiting) + list(sentinels), timeout=min(left, 1.0 if sentinels else 0.2))

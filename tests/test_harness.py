@@ -53,10 +53,11 @@ def test_skips_say_why(tmp_path):
                    *SMALL, "-rs", "--llm-results-dir", tmp_path)
     assert r.returncode == 0, r.stdout[-2000:]
     assert "TP=3 does not divide num_key_value_heads=4" in r.stdout
+    # Asking for CUDA where no GPU is visible is refused before anything runs, not a session of skips.
     r = run_pytest(ROOT / "benchmarks", "-k", "test_baseline", "--llm-device", "cuda", "--llm-tp-sizes", "1",
                    "--llm-batch-sizes", "1", *SMALL, "-rs", "--llm-results-dir", tmp_path)
-    assert r.returncode == 0, r.stdout[-2000:]
-    assert "TP=1 needs 1 GPUs; 0 visible" in r.stdout
+    assert r.returncode == 4 and "--llm-device cuda: no CUDA GPU is visible here" in r.stderr, r.stderr[-2000:]
+    assert "passed" not in r.stdout and "skipped" not in r.stdout
 
 
 def test_pipeline_at_batch_1_skips_with_reason(tmp_path):

@@ -29,10 +29,10 @@ REFUSED = [
     (["--llm-batch-sizes", "1", "0"], "error: argument --llm-batch-sizes: must be >= 1 and <= 4096, got '0'"),
     (["--llm-max-tokens", "two"],
      "error: argument --llm-max-tokens/--max-tokens: expected an integer (>= 1), got 'two'"),
-    (["--llm-engine-timeout", "0"], "error: argument --llm-engine-timeout: must be > 0 and <= 1000000, got '0'"),
-    (["--llm-engine-timeout", "-3"], "error: argument --llm-engine-timeout: must be > 0 and <= 1000000, got '-3'"),
+    (["--llm-engine-timeout", "0"], "error: argument --llm-engine-timeout: must be >= 1 and <= 1000000, got '0'"),
+    (["--llm-engine-timeout", "-3"], "error: argument --llm-engine-timeout: must be >= 1 and <= 1000000, got '-3'"),
     (["--llm-engine-timeout", "1e14"],  # was an OverflowError in every rank's start-up
-     "error: argument --llm-engine-timeout: must be > 0 and <= 1000000, got '1e14'"),
+     "error: argument --llm-engine-timeout: must be >= 1 and <= 1000000, got '1e14'"),
     (["--llm-pipeline-min-batch", "1"],  # integer bounds exactly, not 1.04858e+06
      "error: argument --llm-pipeline-min-batch: must be >= 2 and <= 1048576, got '1'"),
     (["--llm-seed", "-1"], "error: argument --llm-seed: must be >= 0 and <= 9223372036854775807, got '-1'"),

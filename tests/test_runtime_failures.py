@@ -105,9 +105,9 @@ def test_an_engine_timeout_past_its_range_is_a_usage_error(capsys):
     with pytest.raises(SystemExit) as e:
         generate_main(["--engine-timeout", "1e14"])
     assert e.value.code == 2
-    assert capsys.readouterr().err == ("python -m overlap.generate: error: argument --engine-timeout: must be > 0 "
+    assert capsys.readouterr().err == ("python -m overlap.generate: error: argument --engine-timeout: must be >= 1 "
                                        "and <= 1000000, got '1e14' (--help for usage)\n")
-    with pytest.raises(ConfigError, match=r"^--engine-timeout 100000000000000.0: must be > 0 and <= 1000000$"):
+    with pytest.raises(ConfigError, match=r"^--engine-timeout 100000000000000.0: must be >= 1 and <= 1000000$"):
         EngineConfig(engine_timeout=1e14)
 
 
