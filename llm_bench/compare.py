@@ -47,6 +47,10 @@ def judge(column: str, ref: dict, e: dict, change: float) -> str | None:
     return "noise" if min(b) <= max(a) and min(a) <= max(b) else word
 
 
+# Columns relative to the smallest TP measured beside them: comparable only against the same base TP.
+SCALING = ("speedup", "throughput_ratio", "scaling_efficiency")
+
+
 def rows_for(runs: list[dict], labels: list[str], columns: list[str], group_by: list[str]) -> list[dict]:
     base = {b["fullname"]: b["extra_info"] for b in runs[0]["benchmarks"]}
     rows = []
@@ -59,7 +63,9 @@ def rows_for(runs: list[dict], labels: list[str], columns: list[str], group_by: 
                 v = e.get(c)
                 row[c] = v
                 r = ref.get(c)
-                if i > 0 and is_number(v) and is_number(r) and r and math.isfinite(v) and math.isfinite(r):
+                if i > 0 and c in SCALING and e.get("scaling_base_tp") != ref.get("scaling_base_tp"):
+                    row[c + "_note"] = f"base TP {ref.get('scaling_base_tp')} vs {e.get('scaling_base_tp')}"
+                elif i > 0 and is_number(v) and is_number(r) and r and math.isfinite(v) and math.isfinite(r):
                     row[c + "_change"] = (v - r) / abs(r)
                     row[c + "_verdict"] = judge(c, ref, e, row[c + "_change"])
             rows.append(row)
@@ -83,7 +89,9 @@ def _cell(column: str, row: dict) -> str:
             return cell
     else:
         cell = f"{v:.4g}" if is_number(v) else str(v)
-    if column + "_change" in row:
+    if column + "_note" in row:  # a change that means nothing: said instead of computed
+        cell += f" (not comparable: {row[column + '_note']})"
+    elif column + "_change" in row:
         word = row.get(column + "_verdict")
         cell += f" ({row[column + '_change']:+.1%}" + (f" {word})" if word else ")")
     return cell

@@ -383,6 +383,18 @@ def test_compare_says_better_worse_or_noise(tmp_path, capsys):
     assert "lower is better" in out and "better/worse: the runs' per-round values do not overlap" in out
 
 
+def test_compare_does_not_compare_efficiency_against_another_base_tp(tmp_path, capsys):
+    """A run that lost its TP=1 row derives TP=2's efficiency against TP=2 (1.0): shown, but its change
+    against a run whose base is TP=1 is not a number to read (was '1.00 (+66.7% better?)')."""
+    full = valid_run()
+    no_tp1 = copy.deepcopy(full)
+    no_tp1["benchmarks"] = no_tp1["benchmarks"][1:]
+    a, b = _write(tmp_path / "a.json", full), _write(tmp_path / "b.json", no_tp1)
+    assert main(["compare", a, b, "--columns", "tpot_ms_p50,scaling_efficiency"]) == 0
+    row = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("b ") and "parallel[tp2-bs1]" in x)
+    assert "not comparable: base TP 1 vs 2" in row and "better" not in row and "(+0.0%" in row, row
+
+
 def test_version(capsys):
     from llm_bench import __version__
 
