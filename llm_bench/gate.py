@@ -4,8 +4,8 @@ A metric regresses when it is worse than its threshold AND the per-round samples
 significantly (one-sided Mann-Whitney U, scipy; alpha 0.002 as asv uses). The first line is the
 verdict. Exit status:
   0  pass: every gated benchmark was decidable and none regressed;
-  1  regression (a candidate that lost a value the baseline has, or holds one that is not a finite
-     number above 0, counts as one);
+  1  regression (a candidate that lost a gated value the baseline has counts as one; a value that
+     cannot be true, a NaN or a time not above 0, is refused when a file is read: 2);
   2  usage or data error (unknown metric, a threshold that could never be crossed, bad alpha,
      unreadable run, a string where a number belongs, an interrupted benchmark, different GPUs), and
      a benchmark the baseline has a gated metric for that the candidate lacks (interrupted, listed in

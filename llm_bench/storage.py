@@ -75,8 +75,8 @@ def _latest(storage: str) -> str:
     or a run without a readable datetime among the candidates, is refused naming them."""
     files = glob.glob(os.path.join(storage, "*", "[0-9][0-9][0-9][0-9]_*.json"))
     if not files:
-        raise DataError(f"no stored runs under {storage}/ (run pytest with --benchmark-autosave, "
-                        f"or name a run file)")
+        raise DataError(f"no numbered runs (NNNN_*.json, as --benchmark-autosave writes them) under {storage}/*/ "
+                        "to take the latest from: name the runs (files, or ids like 0001)")
     tops: dict[str, str] = {}
     for f in files:
         folder = os.path.dirname(f)

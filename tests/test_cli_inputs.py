@@ -148,6 +148,8 @@ CASES = [
     ("compare --csv - and --json -", lambda t: ["compare", _write(t / "a.json", valid_run()), "--csv", "-",
                                                 "--json", "-"], 2, "both ask for stdout"),
     # report
+    ("compare with no numbered run stored", lambda t: ["compare", "--storage", str(t / "empty")], 2,
+     "empty/*/ to take the latest from: name the runs (files, or ids like 0001)"),
     ("report of runs with nothing measured",
      lambda t: ["report", _broken(t, lambda r: [b.update(extra_info={}) for b in r["benchmarks"]]), "--out",
                 str(t / "r")], 2, "holds a measurement"),
