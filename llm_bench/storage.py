@@ -174,6 +174,20 @@ def _check_extra(where: str, e: dict) -> None:
             raise DataError(f"{where}: extra_info '{k}' is {_short(v)}, {why}")
 
 
+QUANTILES = ("min", "p25", "p50", "p75", "p90", "p99", "max")  # the order a distribution's summaries keep
+
+
+def _check_order(where: str, e: dict) -> None:
+    """The summaries of one distribution are in order (min <= p25 <= ... <= max): a p50 above the max
+    of the same values cannot be a measurement."""
+    for prefix in sorted({k.rsplit("_", 1)[0] for k in e if k.rsplit("_", 1)[-1] in QUANTILES}):
+        have = [(f"{prefix}_{q}", e[f"{prefix}_{q}"]) for q in QUANTILES if is_number(e.get(f"{prefix}_{q}"))]
+        for (ka, a), (kb, b) in zip(have, have[1:]):
+            if a > b:
+                raise DataError(f"{where}: extra_info '{ka}' ({_short(a)}) is above '{kb}' ({_short(b)}): "
+                                "summaries of one distribution out of order")
+
+
 def check_run(path: str, d) -> dict:
     """`d` as a run, or a DataError naming what is wrong and where."""
     if not isinstance(d, dict) or not isinstance(d.get("benchmarks"), list):
@@ -202,6 +216,7 @@ def check_run(path: str, d) -> dict:
         if not isinstance(e, dict):
             raise DataError(f"{path}: {b['name']}: 'extra_info' is {_short(e)}, not an object")
         _check_extra(f"{path}: {b['name']}", e)
+        _check_order(f"{path}: {b['name']}", e)
     derive_columns(d["benchmarks"])
     d["_path"] = path
     return d

@@ -148,6 +148,9 @@ CASES = [
     ("compare --csv - and --json -", lambda t: ["compare", _write(t / "a.json", valid_run()), "--csv", "-",
                                                 "--json", "-"], 2, "both ask for stdout"),
     # report
+    ("a p50 above the max of the same values",
+     lambda t: ["compare", _broken(t, lambda r: _ei(r).update(ttft_ms_p50=1e308, ttft_ms_max=9.0))], 2,
+     "extra_info 'ttft_ms_p50' (1e+308) is above 'ttft_ms_max' (9.0): summaries of one distribution out of order"),
     ("compare with no numbered run stored", lambda t: ["compare", "--storage", str(t / "empty")], 2,
      "empty/*/ to take the latest from: name the runs (files, or ids like 0001)"),
     ("report of runs with nothing measured",
