@@ -38,6 +38,9 @@ REFUSED = [
     (["--llm-seed", "-1"], "error: argument --llm-seed: must be >= 0 and <= 9223372036854775807, got '-1'"),
     (["--llm-model-lib", "/x/lib.so"], "ERROR: --llm-model-lib /x/lib.so: a compiled library is for --llm-engine "
      "mlc; the builtin engine would ignore it"),
+    (["--llm-engine", "mlc", "--llm-model", "HF://a/b", "--llm-allreduce", "lamport", "--llm-gemv", "torch"],
+     "ERROR: --llm-allreduce, --llm-gemv: an option of the built-in engine; --llm-engine mlc does not read it "
+     "(MLC's own settings are in its compiled library and mlc-chat-config.json)"),
     (["--llm-model", "tiny/"], "ERROR: --llm-model tiny/: model 'tiny/' is not a directory (presets are named "
      f"without a path: {PRESETS})"),
     (["--llm-model", "./tiny"], "ERROR: --llm-model ./tiny: model './tiny' is not a directory (presets are named "
