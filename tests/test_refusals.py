@@ -30,6 +30,8 @@ REFUSED = [
     (["--llm-max-tokens", "two"],
      "error: argument --llm-max-tokens/--max-tokens: expected an integer (>= 1), got 'two'"),
     (["--llm-engine-timeout", "0"], "error: argument --llm-engine-timeout: must be >= 1 and <= 1000000, got '0'"),
+    (["--llm-engine-timeout", "0.0001"],  # was accepted: the run failed with "no reply ... within 0 s"
+     "error: argument --llm-engine-timeout: must be >= 1 and <= 1000000, got '0.0001'"),
     (["--llm-engine-timeout", "-3"], "error: argument --llm-engine-timeout: must be >= 1 and <= 1000000, got '-3'"),
     (["--llm-engine-timeout", "1e14"],  # was an OverflowError in every rank's start-up
      "error: argument --llm-engine-timeout: must be >= 1 and <= 1000000, got '1e14'"),
