@@ -40,7 +40,8 @@ REFUSED = [
     (["--llm-seed", "-1"], "error: argument --llm-seed: must be >= 0 and <= 9223372036854775807, got '-1'"),
     (["--llm-model-lib", "/x/lib.so"], "ERROR: --llm-model-lib /x/lib.so: a compiled library is for --llm-engine "
      "mlc; the builtin engine would ignore it"),
-    (["--llm-engine", "mlc", "--llm-model", "HF://a/b", "--llm-allreduce", "lamport", "--llm-gemv", "torch"],
+    (["--llm-engine", "mlc", "--llm-model", "HF://a/b", "--llm-allreduce", "lamport", "--llm-gemv", "torch",
+      "--llm-seed", "3", "--llm-engine-timeout", "60"],  # the seed (prompts) and timeout serve MLC runs too
      "ERROR: --llm-allreduce, --llm-gemv: an option of the built-in engine; --llm-engine mlc does not read it "
      "(MLC's own settings are in its compiled library and mlc-chat-config.json)"),
     (["--llm-model", "tiny/"], "ERROR: --llm-model tiny/: model 'tiny/' is not a directory (presets are named "
