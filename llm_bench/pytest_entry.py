@@ -74,6 +74,16 @@ def holds_a_benchmark(data: bytes) -> bool:
     return not isinstance(run, dict) or bool(run.get("benchmarks", True))
 
 
+def check_appendable(path: str) -> None:
+    """OSError unless `path` can be written without truncating it (appending truncates nothing); a
+    file the check had to create is removed."""
+    existed = os.path.lexists(path)
+    with open(path, "ab"):
+        pass
+    if not existed:
+        os.remove(path)
+
+
 def with_folder(open_file):
     """A conversion for `--benchmark-json` in place of `open_file` (FileType('wb')): the parent folder
     is created, the file checked to be writable as FileType would (its message), and returned unopened
@@ -83,11 +93,7 @@ def with_folder(open_file):
             return open_file(path)
         try:
             os.makedirs(os.path.dirname(os.path.abspath(os.path.expanduser(path))), exist_ok=True)
-            existed = os.path.lexists(path)
-            with open(path, "ab"):  # appending truncates nothing
-                pass
-            if not existed:
-                os.remove(path)
+            check_appendable(path)
         except OSError as e:
             raise argparse.ArgumentTypeError(f"can't open '{path}': {e}") from None
         return OpenedAtFirstWrite(path)
