@@ -368,6 +368,17 @@ def test_gate_baseline_pytest_option_refuses_hostile_json(tmp_path):
     assert "INTERNALERROR" not in r.stdout + r.stderr and "Traceback" not in r.stderr
 
 
+def test_gate_baseline_pytest_option_refuses_one_run_twice(tmp_path):
+    """A baseline and its copy would be pooled with themselves: a usage error before anything runs."""
+    run = json.dumps(_run([5.0] * 10))
+    (tmp_path / "a.json").write_text(run)
+    (tmp_path / "copy.json").write_text(run)
+    r = run_pytest(ROOT / "benchmarks", "-k", "test_baseline", "--llm-gate-baseline", tmp_path / "a.json",
+                   tmp_path / "copy.json", "--llm-results-dir", tmp_path)
+    assert r.returncode == 4 and "copy.json is the same run as" in r.stderr, r.stderr[-2000:]
+    assert "passed" not in r.stdout
+
+
 def test_a_metric_adds_to_the_defaults_unless_only_metrics():
     """`--metric allreduce_us_p50:10%` must not stop TPOT from being gated: a doubled TPOT fails."""
     from llm_bench.gate import parse_rules
